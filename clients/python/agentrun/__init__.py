@@ -1,0 +1,1 @@
+"""agentrun: the protobuf contract's Python stubs, the client library and the CLI."""

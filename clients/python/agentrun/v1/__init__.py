@@ -1,0 +1,1 @@
+"""Generated stubs of the agentrun.v1 protobuf package (see clients/python/generate.py)."""
