@@ -1,0 +1,263 @@
+"""The AgentService gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import redis.asyncio as redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from temporalio.client import Client, WorkflowExecution, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from agent_service import _runs
+from agentrun.v1 import agent_service_pb2 as pb
+from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
+from worker.agents import AgentConfig, load_agents
+from worker.run_stream import is_terminal, read_next, read_range
+from worker.settings import Settings, connect_redis, connect_temporal, stop_on_signals
+from worker.workflows import MEMO_AGENT, MEMO_CONVERSATION, AgentRunWorkflow, RunInput
+
+log = logging.getLogger("agentrun.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
+MAX_INPUT_BYTES = 1 << 20
+MAX_ID_LENGTH = 128
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# A live stream checks Temporal this often while no event arrives, so it still
+# ends when Redis lost a run's terminal event.
+IDLE_CHECK_MS = 5000
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
+
+
+class AgentService(pb_grpc.AgentServiceServicer):
+    def __init__(self, settings: Settings, temporal: Client, redis_client: redis.Redis, agents: dict[str, AgentConfig]):
+        self._settings = settings
+        self._temporal = temporal
+        self._redis = redis_client
+        self._agents = agents
+
+    async def StartRun(self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext) -> pb.StartRunResponse:
+        if not request.agent:
+            await _invalid(context, "agent", "must name a configured agent")
+        if not request.input.strip():
+            await _invalid(context, "input", "must not be empty")
+        if len(request.input.encode()) > MAX_INPUT_BYTES:
+            await _invalid(context, "input", f"must be at most {MAX_INPUT_BYTES} bytes")
+        await _check_id(context, "conversation_id", request.conversation_id, required=False)
+        await _check_id(context, "request_id", request.request_id, required=False)
+        agent = self._agents.get(request.agent)
+        if agent is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"agent {request.agent!r} is not configured")
+            raise AssertionError  # abort raises; this tells type checkers
+        # A request_id maps to one workflow id, and Temporal admits one workflow per
+        # id: duplicates, concurrent or late, all land on the first run.
+        if request.request_id:
+            run_id = "run-" + hashlib.sha256(request.request_id.encode()).hexdigest()[:32]
+        else:
+            run_id = "run-" + uuid.uuid4().hex
+        try:
+            await self._temporal.start_workflow(
+                AgentRunWorkflow.run,
+                RunInput(run_id, agent, request.input, request.conversation_id),
+                id=run_id,
+                task_queue=self._settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                memo={MEMO_AGENT: agent.name, MEMO_CONVERSATION: request.conversation_id},
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # the first run with this request_id has already finished
+        return pb.StartRunResponse(run_id=run_id)
+
+    async def StreamRun(
+        self, request: pb.StreamRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamRunResponse]:
+        await _check_id(context, "run_id", request.run_id, required=True)
+        if request.after_sequence < 0:
+            await _invalid(context, "after_sequence", "must not be negative")
+        run_id, after = request.run_id, request.after_sequence
+        prefix = self._settings.redis_prefix
+        events = await read_range(self._redis, prefix, run_id, after)
+        if not events:
+            # Nothing new in Redis: the run may be unknown, just starting, or its
+            # stream may be gone. Temporal knows which.
+            execution = await self._describe(context, run_id)
+            if _runs.is_finished(execution):
+                events = await read_range(self._redis, prefix, run_id, after)
+                if not events:
+                    event = await self._rebuilt_terminal(execution, after)
+                    if event is not None:
+                        yield pb.StreamRunResponse(event=event)
+                    return
+        while True:
+            for event in events:
+                yield pb.StreamRunResponse(event=event)
+                after = event.sequence
+                if is_terminal(event):
+                    return
+            events = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
+            if not events:
+                execution = await self._describe(context, run_id)
+                if _runs.is_finished(execution):
+                    events = await read_range(self._redis, prefix, run_id, after)
+                    if not any(is_terminal(e) for e in events):
+                        terminal = await self._rebuilt_terminal(execution, after)
+                        events += [terminal] if terminal is not None else []
+                        if not events:
+                            return
+
+    async def _rebuilt_terminal(self, execution: WorkflowExecution, after: int) -> pb.RunEvent | None:
+        """The terminal event from Temporal's record, or None when the caller has already seen it."""
+        handle = self._temporal.get_workflow_handle(execution.id)
+        event = await _runs.terminal_event(execution, await _runs.outcome(handle, execution))
+        if event.sequence == 0:  # the run ended without publishing one (timeout, termination)
+            event.sequence = after + 1
+        return event if event.sequence > after else None
+
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
+        await _check_id(context, "run_id", request.run_id, required=True)
+        execution = await self._describe(context, request.run_id)
+        finished = None
+        if _runs.is_finished(execution):
+            finished = await _runs.outcome(self._temporal.get_workflow_handle(execution.id), execution)
+        return pb.GetRunResponse(run=await _runs.to_run(execution, finished))
+
+    async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
+        await _check_id(context, "run_id", request.run_id, required=True)
+        execution = await self._describe(context, request.run_id)
+        if _runs.is_finished(execution):
+            finished = await _runs.outcome(self._temporal.get_workflow_handle(execution.id), execution)
+            if finished.state == pb.RUN_STATE_CANCELLED:
+                return pb.CancelRunResponse()  # cancelling twice is harmless
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {request.run_id!r} has already ended ({pb.RunState.Name(finished.state)})",
+            )
+        handle: WorkflowHandle = self._temporal.get_workflow_handle(request.run_id)
+        if request.reason:
+            await handle.signal(AgentRunWorkflow.record_cancel_reason, request.reason)
+        await handle.cancel(reason=request.reason)
+        return pb.CancelRunResponse()
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            await _invalid(context, "page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        try:
+            token = base64.urlsafe_b64decode(request.page_token) if request.page_token else None
+        except (binascii.Error, ValueError):
+            await _invalid(context, "page_token", "is not a token that ListRuns returned")
+            raise AssertionError from None
+        page = self._temporal.list_workflows(
+            f"WorkflowType = '{_runs.WORKFLOW_TYPE}' AND TaskQueue = '{self._settings.task_queue}'",
+            page_size=request.page_size or DEFAULT_PAGE_SIZE,
+            next_page_token=token,
+        )
+        try:
+            await page.fetch_next_page()
+        except RPCError as err:
+            if err.status == RPCStatusCode.INVALID_ARGUMENT:
+                await _invalid(context, "page_token", "is not a token that ListRuns returned")
+            raise
+        runs = [await _runs.to_run(execution) for execution in page.current_page or []]
+        next_token = base64.urlsafe_b64encode(page.next_page_token).decode() if page.next_page_token else ""
+        return pb.ListRunsResponse(runs=runs, next_page_token=next_token)
+
+    async def Approve(self, request: pb.ApproveRequest, context: grpc.aio.ServicerContext) -> pb.ApproveResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "approvals are not implemented yet")
+        raise AssertionError
+
+    async def _describe(self, context: grpc.aio.ServicerContext, run_id: str) -> WorkflowExecution:
+        try:
+            execution = await self._temporal.get_workflow_handle(run_id).describe()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            execution = None
+        if execution is None or not _runs.is_agent_run(execution):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"run {run_id!r} does not exist")
+            raise AssertionError
+        return execution
+
+
+async def _invalid(context: grpc.aio.ServicerContext, field: str, problem: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
+
+
+async def _check_id(context: grpc.aio.ServicerContext, field: str, value: str, *, required: bool) -> None:
+    if not value:
+        if required:
+            await _invalid(context, field, "must not be empty")
+        return
+    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.match(value):
+        await _invalid(context, field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
+
+
+async def serve(
+    settings: Settings,
+    *,
+    port: int = 50051,
+    host: str = "127.0.0.1",
+    temporal: Client | None = None,
+    redis_client: redis.Redis | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Starts the server; port 0 picks a free port. Returns the server and its port."""
+    agents = load_agents(settings.agents_file)
+    temporal = temporal or await connect_temporal(settings)
+    redis_client = redis_client or connect_redis(settings)
+    server = grpc.aio.server()
+    pb_grpc.add_AgentServiceServicer_to_server(AgentService(settings, temporal, redis_client, agents), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    return server, bound
+
+
+async def shutdown(server: grpc.aio.Server, grace: float = 10.0) -> None:
+    """Stops taking calls (health says NOT_SERVING first) and lets calls in flight finish for ``grace`` seconds."""
+    await server.health_servicer.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    await server.stop(grace)
+
+
+async def run_server(settings: Settings, *, port: int, host: str, stop: asyncio.Event | None = None) -> None:
+    stop = stop or stop_on_signals()
+    server, bound = await serve(settings, port=port, host=host)
+    log.info("AgentService listening on %s:%d (task queue %r)", host, bound, settings.task_queue)
+    await stop.wait()
+    log.info("server shutting down")
+    await shutdown(server)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="agentrun server", description="Run the AgentService gRPC server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(run_server(Settings.from_env(), port=args.port, host=args.host))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The Python client library of agentrun: a thin, typed layer over the generated gRPC stubs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from agentrun.v1 import agent_service_pb2 as pb
+from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
+
+# Codes after which a stream is worth resuming: the server or the network went
+# away, not the request.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
+
+
+class RunFailed(Exception):
+    """A run ended without an answer: it failed or was cancelled."""
+
+    def __init__(self, run_id: str, event: pb.RunEvent) -> None:
+        kind = event.WhichOneof("kind")
+        detail = event.run_failed.error if kind == "run_failed" else f"cancelled {event.run_cancelled.reason}".strip()
+        super().__init__(f"run {run_id} {'failed: ' + detail if kind == 'run_failed' else detail}")
+        self.run_id = run_id
+        self.event = event
+
+
+class AgentRunClient:
+    """Calls an agentrun server. Use as ``async with AgentRunClient("localhost:50051") as client``."""
+
+    def __init__(self, target: str = "localhost:50051", *, channel: grpc.aio.Channel | None = None) -> None:
+        self.channel = channel or grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.AgentServiceStub(self.channel)
+
+    async def __aenter__(self) -> AgentRunClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def start_run(self, agent: str, input: str, *, conversation_id: str = "", request_id: str = "") -> str:
+        """Starts a run and returns its id; reuse ``request_id`` to make retries safe."""
+        response = await self.stub.StartRun(
+            pb.StartRunRequest(agent=agent, input=input, conversation_id=conversation_id, request_id=request_id)
+        )
+        return response.run_id
+
+    async def stream_run(
+        self, run_id: str, *, after_sequence: int = 0, max_reconnects: int = 10
+    ) -> AsyncIterator[pb.RunEvent]:
+        """Yields the run's events until its terminal event, reconnecting where it left off when the connection drops."""
+        reconnects = 0
+        while True:
+            try:
+                async for response in self.stub.StreamRun(
+                    pb.StreamRunRequest(run_id=run_id, after_sequence=after_sequence)
+                ):
+                    event = response.event
+                    after_sequence = event.sequence
+                    reconnects = 0
+                    yield event
+                    if event.WhichOneof("kind") in TERMINAL_KINDS:
+                        return
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RESUMABLE or reconnects >= max_reconnects:
+                    raise
+                reconnects += 1
+                await asyncio.sleep(min(0.1 * 2**reconnects, 5.0))
+
+    async def run(
+        self, agent: str, input: str, *, conversation_id: str = "", request_id: str = ""
+    ) -> pb.RunCompleted:
+        """Starts a run and waits for its answer; raises RunFailed when it fails or is cancelled."""
+        run_id = await self.start_run(agent, input, conversation_id=conversation_id, request_id=request_id)
+        async for event in self.stream_run(run_id):
+            if event.HasField("run_completed"):
+                return event.run_completed
+            if event.WhichOneof("kind") in TERMINAL_KINDS:
+                raise RunFailed(run_id, event)
+        raise RunFailed(run_id, pb.RunEvent(run_failed=pb.RunFailed(error="the stream ended without a result")))
+
+    async def get_run(self, run_id: str) -> pb.Run:
+        return (await self.stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
+
+    async def cancel_run(self, run_id: str, *, reason: str = "") -> None:
+        await self.stub.CancelRun(pb.CancelRunRequest(run_id=run_id, reason=reason))
+
+    async def list_runs(self, *, page_size: int = 0, page_token: str = "") -> pb.ListRunsResponse:
+        return await self.stub.ListRuns(pb.ListRunsRequest(page_size=page_size, page_token=page_token))
+
+    async def approve(
+        self, run_id: str, approval_id: str, decision: pb.ApprovalDecision.ValueType, *, reason: str = ""
+    ) -> pb.ApproveResponse:
+        return await self.stub.Approve(
+            pb.ApproveRequest(run_id=run_id, approval_id=approval_id, decision=decision, reason=reason)
+        )

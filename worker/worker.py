@@ -1,0 +1,94 @@
+"""The worker service: polls the task queue and executes agent runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import openai
+import redis.asyncio as redis
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from worker.activities import HEARTBEAT_INTERVAL_SECONDS, RunActivities
+from worker.agents import AgentConfig, load_agents
+from worker.run_stream import RunStreamWriter
+from worker.settings import OFFLINE_API_KEY, Settings, connect_redis, connect_temporal, stop_on_signals
+from worker.workflows import AgentRunWorkflow
+
+log = logging.getLogger("agentrun.worker")
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    *,
+    redis_client: redis.Redis,
+    model: openai.AsyncOpenAI,
+    agents: dict[str, AgentConfig],
+) -> Worker:
+    activities = RunActivities(
+        model, RunStreamWriter(redis_client, settings.redis_prefix, settings.stream_ttl_seconds), agents
+    )
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[AgentRunWorkflow],
+        activities=[activities.call_model, activities.publish_terminal_event],
+        # Heartbeats carry cancellation to a streaming model call; send them often
+        # enough that CancelRun takes effect within about a second.
+        max_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_INTERVAL_SECONDS),
+        default_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_INTERVAL_SECONDS),
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+
+
+@contextlib.asynccontextmanager
+async def model_client(settings: Settings) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The configured OpenAI-compatible endpoint, or the offline model when none is configured."""
+    if settings.openai_base_url or settings.openai_api_key:
+        # Temporal retries the activity durably; the client's own retries would hide that.
+        async with openai.AsyncOpenAI(
+            base_url=settings.openai_base_url, api_key=settings.openai_api_key or "unset", max_retries=0
+        ) as client:
+            yield client
+        return
+    from worker import offline_model
+
+    runner, base_url = await offline_model.serve()
+    log.warning("no OPENAI_BASE_URL or OPENAI_API_KEY set: using the OFFLINE model at %s", base_url)
+    try:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=OFFLINE_API_KEY, max_retries=0) as client:
+            yield client
+    finally:
+        await runner.cleanup()
+
+
+async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Runs the worker until ``stop`` is set or the process gets SIGINT/SIGTERM, then drains."""
+    agents = load_agents(settings.agents_file)
+    stop = stop or stop_on_signals()
+    client = await connect_temporal(settings)
+    redis_client = connect_redis(settings)
+    await redis_client.ping()
+    try:
+        async with model_client(settings) as model:
+            worker = build_worker(client, settings, redis_client=redis_client, model=model, agents=agents)
+            async with worker:
+                log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
+                await stop.wait()
+                log.info("worker shutting down")
+    finally:
+        await redis_client.aclose()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(run_worker(Settings.from_env()))
+
+
+if __name__ == "__main__":
+    main()
