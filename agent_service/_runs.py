@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from temporalio.client import WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 
 from agentrun.v1 import agent_service_pb2 as pb
 from worker.run_stream import new_event
@@ -34,6 +34,10 @@ class Outcome:
     error: str = ""
 
 
+def handle(client: Client, run_id: str) -> WorkflowHandle[AgentRunWorkflow, RunResult]:
+    return client.get_workflow_handle_for(AgentRunWorkflow.run, run_id)
+
+
 def is_agent_run(execution: WorkflowExecution) -> bool:
     return execution.workflow_type == WORKFLOW_TYPE
 
@@ -52,7 +56,7 @@ async def outcome(handle: WorkflowHandle, execution: WorkflowExecution) -> Outco
     if execution.status == WorkflowExecutionStatus.CANCELED:
         return Outcome(state)
     try:
-        return Outcome(state, result=await handle.result(result_type=RunResult, follow_runs=False))
+        return Outcome(state, result=await handle.result(follow_runs=False))
     except WorkflowFailureError as err:
         cause = err.cause
         return Outcome(state, error=str(cause.message if hasattr(cause, "message") else cause))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import re
@@ -15,7 +16,7 @@ import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from temporalio.client import Client, WorkflowExecution, WorkflowHandle
+from temporalio.client import Client, WorkflowExecution
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -38,6 +39,7 @@ MAX_PAGE_SIZE = 1000
 # A live stream checks Temporal this often while no event arrives, so it still
 # ends when Redis lost a run's terminal event.
 IDLE_CHECK_MS = 5000
+CLOSE_WAIT_SECONDS = 5.0
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
 
 
@@ -103,6 +105,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     return
         while True:
             for event in events:
+                if is_terminal(event):
+                    await self._until_closed(run_id)
                 yield pb.StreamRunResponse(event=event)
                 after = event.sequence
                 if is_terminal(event):
@@ -118,9 +122,18 @@ class AgentService(pb_grpc.AgentServiceServicer):
                         if not events:
                             return
 
+    async def _until_closed(self, run_id: str) -> None:
+        """Waits briefly for Temporal to record the end that the terminal event announces.
+
+        The workflow publishes its terminal event just before it completes; waiting
+        here means a client that saw the stream end also sees the final state in GetRun.
+        """
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_runs.handle(self._temporal, run_id).result(follow_runs=False), CLOSE_WAIT_SECONDS)
+
     async def _rebuilt_terminal(self, execution: WorkflowExecution, after: int) -> pb.RunEvent | None:
         """The terminal event from Temporal's record, or None when the caller has already seen it."""
-        handle = self._temporal.get_workflow_handle(execution.id)
+        handle = _runs.handle(self._temporal, execution.id)
         event = await _runs.terminal_event(execution, await _runs.outcome(handle, execution))
         if event.sequence == 0:  # the run ended without publishing one (timeout, termination)
             event.sequence = after + 1
@@ -131,23 +144,21 @@ class AgentService(pb_grpc.AgentServiceServicer):
         execution = await self._describe(context, request.run_id)
         finished = None
         if _runs.is_finished(execution):
-            finished = await _runs.outcome(self._temporal.get_workflow_handle(execution.id), execution)
+            finished = await _runs.outcome(_runs.handle(self._temporal, execution.id), execution)
         return pb.GetRunResponse(run=await _runs.to_run(execution, finished))
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
         await _check_id(context, "run_id", request.run_id, required=True)
         execution = await self._describe(context, request.run_id)
         if _runs.is_finished(execution):
-            finished = await _runs.outcome(self._temporal.get_workflow_handle(execution.id), execution)
+            finished = await _runs.outcome(_runs.handle(self._temporal, execution.id), execution)
             if finished.state == pb.RUN_STATE_CANCELLED:
                 return pb.CancelRunResponse()  # cancelling twice is harmless
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"run {request.run_id!r} has already ended ({pb.RunState.Name(finished.state)})",
             )
-        handle: WorkflowHandle = self._temporal.get_workflow_handle(request.run_id)
-        if request.reason:
-            await handle.signal(AgentRunWorkflow.record_cancel_reason, request.reason)
+        handle = _runs.handle(self._temporal, request.run_id)
         await handle.cancel(reason=request.reason)
         return pb.CancelRunResponse()
 
@@ -180,7 +191,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     async def _describe(self, context: grpc.aio.ServicerContext, run_id: str) -> WorkflowExecution:
         try:
-            execution = await self._temporal.get_workflow_handle(run_id).describe()
+            execution = await _runs.handle(self._temporal, run_id).describe()
         except RPCError as err:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise

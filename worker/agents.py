@@ -56,6 +56,11 @@ def load_agents(path: str | Path) -> dict[str, AgentConfig]:
             raise AgentConfigError(f"{path}: agent {name!r} has unknown keys {sorted(unknown)}")
         if not isinstance(spec.get("model"), str) or not spec["model"]:
             raise AgentConfigError(f"{path}: agent {name!r} needs a 'model' name")
+        # YAML reads "0" as an int; Temporal's converter gives back a float. Normalize
+        # so that the server's and the worker's fingerprints agree.
+        for key in ("temperature", "top_p"):
+            if isinstance(spec.get(key), int):
+                spec[key] = float(spec[key])
         try:
             loaded[str(name)] = AgentConfig(name=str(name), **spec)
         except TypeError as err:

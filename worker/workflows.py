@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from worker.activities import CallModelInput, ModelReply, PublishInput, RunActivities, Usage
@@ -46,14 +46,6 @@ class RunResult:
 
 @workflow.defn
 class AgentRunWorkflow:
-    def __init__(self) -> None:
-        self._cancel_reason = ""
-
-    @workflow.signal
-    def record_cancel_reason(self, reason: str) -> None:
-        """Sent just before a cancellation so that run_cancelled can say why."""
-        self._cancel_reason = reason
-
     @workflow.run
     async def run(self, input: RunInput) -> RunResult:
         last_sequence = 0
@@ -69,13 +61,16 @@ class AgentRunWorkflow:
                 heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
                 retry_policy=MODEL_RETRY,
             )
-        except ActivityError as err:
+        except (ActivityError, asyncio.CancelledError) as err:
+            reason = workflow.cancellation_reason()
+            if reason is not None and is_cancelled_exception(err):
+                await self._finish(PublishInput(input.run_id, last_sequence, "run_cancelled", reason=reason))
+                raise
+            if not isinstance(err, ActivityError):
+                raise
             message = _failure_message(err)
             await self._finish(PublishInput(input.run_id, last_sequence, "run_failed", error=message))
             raise ApplicationError(message, type="RunFailed", non_retryable=True) from err
-        except asyncio.CancelledError:
-            await self._finish(PublishInput(input.run_id, last_sequence, "run_cancelled", reason=self._cancel_reason))
-            raise
         last_sequence = reply.last_sequence
         terminal = PublishInput(input.run_id, last_sequence, "run_completed", output=reply.text, usage=reply.usage)
         return RunResult(reply.text, reply.usage, await self._finish(terminal))

@@ -10,9 +10,9 @@ import grpc
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 
-# Codes after which a stream is worth resuming: the server or the network went
+# The code after which a stream is worth resuming: the server or the network went
 # away, not the request.
-_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 
 

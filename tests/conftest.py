@@ -1,0 +1,114 @@
+"""Real components for the tests: one Temporal dev server and one Redis for the session,
+and for each test its own task queue, Redis key prefix, worker and gRPC server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+import redis.asyncio as redis
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from agent_service.server import serve
+from agentrun._dev import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
+from agentrun.client import AgentRunClient
+from worker import offline_model
+from worker.agents import load_agents
+from worker.settings import Settings
+from worker.worker import build_worker
+
+TESTS = Path(__file__).parent
+AGENTS_FILE = TESTS / "agents.yaml"
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_executable(), dev_server_extra_args=TEMPORAL_FAST_DISPATCH
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def redis_url() -> AsyncIterator[str]:
+    async with redis_server(os.environ.get("REDIS_URL")) as url:
+        yield url
+
+
+@dataclass
+class Model:
+    """The offline model server, scriptable in-process."""
+
+    base_url: str
+    server: offline_model.OfflineModel
+
+    def script(self, *steps: dict) -> str:
+        """Registers a script and returns its key; put the key in a run's input to use it."""
+        key = f"script-{uuid.uuid4().hex[:12]}"
+        self.server.add_script(key, list(steps))
+        return key
+
+
+@pytest.fixture(scope="session")
+async def model() -> AsyncIterator[Model]:
+    runner, base_url = await offline_model.serve()
+    yield Model(base_url, runner.app[offline_model.MODEL_KEY])
+    await runner.cleanup()
+
+
+@pytest.fixture
+def settings(temporal_env: WorkflowEnvironment, redis_url: str, model: Model) -> Settings:
+    unique = uuid.uuid4().hex[:12]
+    return Settings(
+        temporal_address=temporal_env.client.service_client.config.target_host,
+        task_queue=f"test-{unique}",
+        redis_url=redis_url,
+        redis_prefix=f"test:{unique}:",
+        agents_file=str(AGENTS_FILE),
+        openai_base_url=model.base_url,
+        openai_api_key="offline",
+    )
+
+
+@pytest.fixture
+async def redis_client(settings: Settings) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{settings.redis_prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@dataclass
+class Stack:
+    """A worker and a gRPC server for one test, and a client connected to the server over a socket."""
+
+    client: AgentRunClient
+    settings: Settings
+    temporal: Client
+    redis: redis.Redis
+    model: Model
+    address: str
+
+
+@pytest.fixture
+async def stack(
+    settings: Settings, temporal_env: WorkflowEnvironment, redis_client: redis.Redis, model: Model
+) -> AsyncIterator[Stack]:
+    agents = load_agents(settings.agents_file)
+    async with openai.AsyncOpenAI(base_url=model.base_url, api_key="offline", max_retries=0) as llm:
+        worker = build_worker(temporal_env.client, settings, redis_client=redis_client, model=llm, agents=agents)
+        async with worker:
+            server, port = await serve(settings, port=0, temporal=temporal_env.client, redis_client=redis_client)
+            address = f"127.0.0.1:{port}"
+            async with AgentRunClient(address) as client:
+                yield Stack(client, settings, temporal_env.client, redis_client, model, address)
+            await server.stop(None)
