@@ -37,8 +37,9 @@ MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 # A live stream checks Temporal this often while no event arrives, so it still
-# ends when Redis lost a run's terminal event.
-IDLE_CHECK_MS = 5000
+# ends when Redis lost a run's terminal event. It must stay below redis-py's
+# socket timeout (5 s), which also bounds a blocking XREAD.
+IDLE_CHECK_MS = 2000
 CLOSE_WAIT_SECONDS = 5.0
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
 

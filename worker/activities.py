@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from typing import cast
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -181,7 +183,7 @@ class RunActivities:
         try:
             response = await self._model.chat.completions.create(
                 model=agent.model,
-                messages=input.messages,  # type: ignore[arg-type]
+                messages=cast("list[ChatCompletionMessageParam]", input.messages),
                 stream=True,
                 stream_options={"include_usage": True},
                 temperature=agent.temperature if agent.temperature is not None else openai.omit,
@@ -211,7 +213,9 @@ class RunActivities:
             await publisher.close()
         except _PERMANENT_MODEL_ERRORS as err:
             await publisher.abandon()
-            raise ApplicationError(f"model rejected the request: {err}", type=type(err).__name__, non_retryable=True)
+            raise ApplicationError(
+                f"model rejected the request: {err}", type=type(err).__name__, non_retryable=True
+            ) from err
         except BaseException:
             await publisher.abandon()
             raise

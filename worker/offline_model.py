@@ -39,10 +39,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def _argument_pieces(arguments: str) -> list[str]:
-    return [
-        arguments[i : i + ARGUMENT_PIECE_CHARS]
-        for i in range(0, len(arguments), ARGUMENT_PIECE_CHARS)
-    ]
+    return [arguments[i : i + ARGUMENT_PIECE_CHARS] for i in range(0, len(arguments), ARGUMENT_PIECE_CHARS)]
 
 
 class ScriptError(ValueError):
@@ -107,9 +104,7 @@ def parse_step(raw: Any, where: str = "step") -> Step:
             raise ScriptError(f"{where}.text must be a string")
         chunks = tuple(tokenize(raw["text"]))
     elif "chunks" in raw:
-        if not isinstance(raw["chunks"], list) or not all(
-            isinstance(c, str) for c in raw["chunks"]
-        ):
+        if not isinstance(raw["chunks"], list) or not all(isinstance(c, str) for c in raw["chunks"]):
             raise ScriptError(f"{where}.chunks must be a list of strings")
         chunks = tuple(raw["chunks"])
 
@@ -143,9 +138,7 @@ def parse_step(raw: Any, where: str = "step") -> Step:
         error_message = str(error.get("message", "offline scripted error"))
 
     disconnect = raw.get("disconnect_after_chunks")
-    if disconnect is not None and (
-        isinstance(disconnect, bool) or not isinstance(disconnect, int) or disconnect < 0
-    ):
+    if disconnect is not None and (isinstance(disconnect, bool) or not isinstance(disconnect, int) or disconnect < 0):
         raise ScriptError(f"{where}.disconnect_after_chunks must be a non-negative integer")
 
     return Step(
@@ -180,11 +173,7 @@ def _message_texts(message: Any) -> list[str]:
     if isinstance(content, str):
         return [content]
     if isinstance(content, list):
-        return [
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        ]
+        return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
     return []
 
 
@@ -288,10 +277,7 @@ class OfflineModel:
         delay = self.token_delay if delay_ms is None else delay_ms / 1000
         return _Reply(
             chunks=step.chunks,
-            tool_calls=[
-                (c.id or f"call_{next(self._call_ids)}", c.name, c.arguments)
-                for c in step.tool_calls
-            ],
+            tool_calls=[(c.id or f"call_{next(self._call_ids)}", c.name, c.arguments) for c in step.tool_calls],
             delay=delay,
             first_delay=step.first_delay_ms / 1000,
             disconnect_after=step.disconnect_after_chunks,
@@ -323,9 +309,7 @@ class OfflineModel:
             return _error_response("Request body must be a JSON object.")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            return _error_response(
-                "'messages' is required and must be a non-empty array.", param="messages"
-            )
+            return _error_response("'messages' is required and must be a non-empty array.", param="messages")
 
         script = self._match(messages)
         if script is not None:
@@ -397,9 +381,7 @@ class OfflineModel:
         prompt_tokens: int,
         include_usage: bool,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
 
         async def send(payload: dict[str, Any] | str) -> None:
@@ -412,9 +394,7 @@ class OfflineModel:
             out: dict[str, Any] = {
                 **meta,
                 "object": "chat.completion.chunk",
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-                ],
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
             }
             if include_usage:
                 out["usage"] = None
@@ -435,8 +415,7 @@ class OfflineModel:
                 }
             )
             deltas.extend(
-                {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
-                for piece in _argument_pieces(args)
+                {"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in _argument_pieces(args)
             )
 
         try:
@@ -497,9 +476,7 @@ class OfflineModel:
         return web.json_response({"deleted": key})
 
 
-def _drop_connection(
-    request: web.Request, response: web.StreamResponse | None = None
-) -> web.StreamResponse:
+def _drop_connection(request: web.Request, response: web.StreamResponse | None = None) -> web.StreamResponse:
     """Close the socket mid-response, like a model provider dropping a stream."""
     if request.transport is not None:
         # close() (not abort()) so chunks already written still reach the
@@ -511,9 +488,7 @@ def _drop_connection(
 MODEL_KEY = web.AppKey("offline_model", OfflineModel)
 
 
-async def serve(
-    host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0
-) -> tuple[web.AppRunner, str]:
+async def serve(host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0) -> tuple[web.AppRunner, str]:
     """Start the offline model server; returns the runner and its /v1 base URL."""
     model = OfflineModel(token_delay=token_delay)
     runner = web.AppRunner(model.app, access_log=None)

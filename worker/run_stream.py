@@ -11,6 +11,7 @@ which makes a retried publish of the terminal event harmless.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as redis
 
@@ -42,6 +43,7 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {seq, 0}
 """
+
 
 def stream_key(prefix: str, run_id: str) -> str:
     # The braces are a cluster hash tag: every key of one run lands on one node.
@@ -91,7 +93,7 @@ class RunStreamWriter:
         return await read_range(self._client, self._prefix, run_id, after_sequence)
 
 
-def _decode(entries: list) -> list[pb.RunEvent]:
+def _decode(entries: Any) -> list[pb.RunEvent]:
     events = []
     for entry_id, fields in entries:
         event = pb.RunEvent.FromString(fields[b"e"])
@@ -110,10 +112,9 @@ async def read_next(
 ) -> list[pb.RunEvent]:
     """Waits up to ``block_ms`` for events after ``after_sequence``; an empty list means none came."""
     key = stream_key(prefix, run_id)
-    reply = await client.xread({key: f"{after_sequence}-0"}, count=count, block=block_ms)
+    reply: Any = await client.xread({key: f"{after_sequence}-0"}, count=count, block=block_ms)
     return _decode(reply[0][1]) if reply else []
 
 
 async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:
     return bool(await client.exists(stream_key(prefix, run_id)))
-

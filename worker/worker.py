@@ -12,6 +12,7 @@ import openai
 import redis.asyncio as redis
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from worker.activities import HEARTBEAT_INTERVAL_SECONDS, RunActivities
 from worker.agents import AgentConfig, load_agents
@@ -37,6 +38,13 @@ def build_worker(
         client,
         task_queue=settings.task_queue,
         workflows=[AgentRunWorkflow],
+        # The workflow imports only dataclasses from these packages; passing them
+        # through keeps the sandbox from re-importing them for every run.
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                "agentrun", "google.protobuf", "openai", "redis", "opentelemetry"
+            )
+        ),
         activities=[activities.call_model, activities.publish_terminal_event],
         # Heartbeats carry cancellation to a streaming model call; send them often
         # enough that CancelRun takes effect within about a second.

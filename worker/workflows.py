@@ -76,7 +76,11 @@ class AgentRunWorkflow:
         return RunResult(reply.text, reply.usage, await self._finish(terminal))
 
     async def _finish(self, event: PublishInput) -> int:
-        """Publishes the terminal event and records its sequence in the memo; Temporal stays the truth if Redis fails."""
+        """Publishes the terminal event and records its sequence in the memo.
+
+        Temporal stays the truth when Redis fails: the run still ends, and the
+        server rebuilds the event from the workflow's result.
+        """
         sequence = event.after_sequence + 1
         try:
             sequence = await workflow.execute_local_activity_method(

@@ -42,9 +42,7 @@ def _root(base_url: str) -> str:
     return base_url.removesuffix("/v1")
 
 
-async def _script(
-    http: aiohttp.ClientSession, base_url: str, steps: list[dict[str, Any]]
-) -> str:
+async def _script(http: aiohttp.ClientSession, base_url: str, steps: list[dict[str, Any]]) -> str:
     key = f"script-{uuid.uuid4().hex}"
     body = {"key": key, "steps": steps}
     async with http.post(f"{_root(base_url)}/_offline/scripts", json=body) as r:
@@ -57,9 +55,7 @@ def _user(text: str) -> list[Any]:
 
 
 async def _stream_text(client: openai.AsyncOpenAI, text: str) -> list[str]:
-    stream = await client.chat.completions.create(
-        model="offline", messages=_user(text), stream=True
-    )
+    stream = await client.chat.completions.create(model="offline", messages=_user(text), stream=True)
     return [_content(c) async for c in stream if _content(c)]
 
 
@@ -107,9 +103,7 @@ async def test_default_streamed_reply_with_usage(client: openai.AsyncOpenAI) -> 
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk(client: openai.AsyncOpenAI) -> None:
-    stream = await client.chat.completions.create(
-        model="offline", messages=_user("hi"), stream=True
-    )
+    stream = await client.chat.completions.create(model="offline", messages=_user("hi"), stream=True)
     chunks = [c async for c in stream]
     assert all(c.choices and c.usage is None for c in chunks)
 
@@ -219,26 +213,18 @@ async def test_error_step_raises_api_status_error(
 async def test_disconnect_after_chunks_breaks_stream(
     client: openai.AsyncOpenAI, http: aiohttp.ClientSession, base_url: str
 ) -> None:
-    key = await _script(
-        http, base_url, [{"text": "one two three four five", "disconnect_after_chunks": 2}]
-    )
+    key = await _script(http, base_url, [{"text": "one two three four five", "disconnect_after_chunks": 2}])
     received: list[str] = []
     # A dropped chunked body surfaces as a connection error mid-iteration.
     with pytest.raises(openai.APIConnectionError):
-        stream = await client.chat.completions.create(
-            model="offline", messages=_user(key), stream=True
-        )
+        stream = await client.chat.completions.create(model="offline", messages=_user(key), stream=True)
         async for chunk in stream:
             received.append(_content(chunk))
     assert "".join(received) == "one two "
 
 
-async def test_delays_are_applied(
-    client: openai.AsyncOpenAI, http: aiohttp.ClientSession, base_url: str
-) -> None:
-    key = await _script(
-        http, base_url, [{"text": "a b c", "first_delay_ms": 100, "delay_ms": 30}]
-    )
+async def test_delays_are_applied(client: openai.AsyncOpenAI, http: aiohttp.ClientSession, base_url: str) -> None:
+    key = await _script(http, base_url, [{"text": "a b c", "first_delay_ms": 100, "delay_ms": 30}])
     start = time.monotonic()
     stream = await client.chat.completions.create(model="offline", messages=_user(key), stream=True)
     arrivals: list[float] = []
@@ -289,9 +275,7 @@ async def test_bad_requests_get_openai_style_400(
         error = (await r.json())["error"]
     assert error["type"] == "invalid_request_error" and error["code"] is None
 
-    async with http.post(
-        f"{_root(base_url)}/_offline/scripts", json={"key": "k", "steps": [{"txt": "typo"}]}
-    ) as r:
+    async with http.post(f"{_root(base_url)}/_offline/scripts", json={"key": "k", "steps": [{"txt": "typo"}]}) as r:
         assert r.status == 400
         assert "txt" in (await r.json())["error"]["message"]
 
@@ -309,9 +293,7 @@ async def test_client_closing_stream_early_is_not_a_server_error(
     await stream.close()
     await asyncio.sleep(0.05)  # let the server try to write into the closed socket
     # The server keeps serving, and logs nothing at error level for the hang-up.
-    completion = await client.chat.completions.create(
-        model="offline", messages=_user("still there?")
-    )
+    completion = await client.chat.completions.create(model="offline", messages=_user("still there?"))
     assert (completion.choices[0].message.content or "").endswith("still there?")
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
@@ -322,9 +304,7 @@ async def test_in_process_scripting_via_runner_app() -> None:
         model = runner.app[MODEL_KEY]
         model.add_script("in-process-key", [{"text": "direct"}])
         async with openai.AsyncOpenAI(base_url=url, api_key="offline", max_retries=0) as c:
-            completion = await c.chat.completions.create(
-                model="offline", messages=_user("in-process-key")
-            )
+            completion = await c.chat.completions.create(model="offline", messages=_user("in-process-key"))
         assert completion.choices[0].message.content == "direct"
         assert len(model.requests_for("in-process-key")) == 1
     finally:

@@ -63,7 +63,7 @@ async def redis_server(redis_url: str | None) -> AsyncIterator[str]:
         await asyncio.to_thread(server.stop)
 
 
-async def run_dev(*, port: int, demo_prompt: str, once: bool) -> None:
+async def run_dev(*, port: int, temporal_port: int, ui_port: int, demo_prompt: str, once: bool) -> None:
     """Starts Temporal, Redis, the model, the worker and the server, streams a demo run, then serves until Ctrl-C."""
     from agent_service.server import run_server
     from agentrun.cli import print_stream
@@ -75,11 +75,11 @@ async def run_dev(*, port: int, demo_prompt: str, once: bool) -> None:
     settings = Settings.from_env()
     redis_url = os.environ.get("REDIS_URL")
     async with (
-        temporal_dev_server(port=7233, ui_port=8233, ui=True) as temporal_address,
+        temporal_dev_server(port=temporal_port, ui_port=ui_port, ui=True) as temporal_address,
         redis_server(redis_url) as redis_url,
     ):
         settings = replace(settings, temporal_address=temporal_address, redis_url=redis_url)
-        print(f"Temporal dev server  {temporal_address}  (web UI http://localhost:8233)")
+        print(f"Temporal dev server  {temporal_address}  (web UI http://localhost:{ui_port})")
         print(f"Redis                {redis_url}{'' if os.environ.get('REDIS_URL') else '  (embedded Valkey)'}")
         if settings.openai_base_url or settings.openai_api_key:
             print(f"Model                {settings.openai_base_url or 'OpenAI'}")

@@ -10,7 +10,7 @@ import sys
 
 import grpc
 
-from agentrun.client import TERMINAL_KINDS, AgentRunClient
+from agentrun.client import AgentRunClient
 from agentrun.v1 import agent_service_pb2 as pb
 
 DEFAULT_SERVER = os.environ.get("AGENTRUN_SERVER", "127.0.0.1:50051")
@@ -25,7 +25,8 @@ async def print_stream(client: AgentRunClient, run_id: str, *, after_sequence: i
             print(event.text_delta.text, end="", flush=True)
         elif kind == "run_completed":
             usage = event.run_completed.usage
-            print(f"\n[run {run_id} completed: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens]")
+            tokens = f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
+            print(f"\n[run {run_id} completed: {tokens}]")
             return 0
         elif kind == "run_failed":
             print(f"\n[run {run_id} failed: {event.run_failed.error}]", file=sys.stderr)
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     dev = commands.add_parser("dev", help="start Temporal, Redis, the worker and the server, and stream a demo run")
     dev.add_argument("--port", type=int, default=50051, help="gRPC port of the server")
+    dev.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the Temporal dev server")
+    dev.add_argument("--ui-port", type=int, default=8233, help="port of Temporal's web UI")
     dev.add_argument("--prompt", default=DEMO_PROMPT, help="the demo run's prompt")
     dev.add_argument("--once", action="store_true", help="stop after the demo run instead of serving")
     server = commands.add_parser("server", help="run the gRPC server (TEMPORAL_ADDRESS, REDIS_URL, ...)")
@@ -125,7 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "dev":
         from agentrun._dev import run_dev
 
-        asyncio.run(run_dev(port=args.port, demo_prompt=args.prompt, once=args.once))
+        asyncio.run(
+            run_dev(
+                port=args.port,
+                temporal_port=args.temporal_port,
+                ui_port=args.ui_port,
+                demo_prompt=args.prompt,
+                once=args.once,
+            )
+        )
         return
     try:
         sys.exit(asyncio.run(_client_command(args)))

@@ -53,7 +53,7 @@ class AgentRunClient:
     async def stream_run(
         self, run_id: str, *, after_sequence: int = 0, max_reconnects: int = 10
     ) -> AsyncIterator[pb.RunEvent]:
-        """Yields the run's events until its terminal event, reconnecting where it left off when the connection drops."""
+        """Yields the run's events to its terminal event, reconnecting where it left off if the connection drops."""
         reconnects = 0
         while True:
             try:
@@ -73,9 +73,7 @@ class AgentRunClient:
                 reconnects += 1
                 await asyncio.sleep(min(0.1 * 2**reconnects, 5.0))
 
-    async def run(
-        self, agent: str, input: str, *, conversation_id: str = "", request_id: str = ""
-    ) -> pb.RunCompleted:
+    async def run(self, agent: str, input: str, *, conversation_id: str = "", request_id: str = "") -> pb.RunCompleted:
         """Starts a run and waits for its answer; raises RunFailed when it fails or is cancelled."""
         run_id = await self.start_run(agent, input, conversation_id=conversation_id, request_id=request_id)
         async for event in self.stream_run(run_id):

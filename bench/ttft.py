@@ -1,0 +1,240 @@
+"""Time to first token and throughput: a direct OpenAI stream vs. a whole agentrun run.
+
+Starts every real component as production runs them (Temporal dev server, Redis, the offline model, and the
+worker and the gRPC server as separate processes) and prints figures; nothing is asserted. From the repo root:
+    python bench/ttft.py [--runs 30] [--tokens 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import openai
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentrun._dev import redis_server, temporal_dev_server
+from agentrun.client import AgentRunClient
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENTS_FILE = ROOT / "agents.yaml"
+AGENT = "assistant"
+WARMUP = 3
+THROUGHPUT_REPS = 5
+RUN_TIMEOUT = 60.0  # a run this slow means a component is stuck, not slow
+Procs = dict[str, asyncio.subprocess.Process]
+Paths = dict[str, Callable[[str], Awaitable["Sample"]]]  # path name -> one timed call with a prompt
+
+
+@dataclass
+class Sample:
+    ttft: float  # seconds from the call to the first text
+    total: float  # seconds from the call to the end of the stream
+    text: str
+    deltas: int
+    start_rpc: float = 0.0  # agentrun only: the StartRun round trip
+    emitted: float = 0.0  # agentrun only: StartRun call -> the worker creates the first delta (wall clock)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def running_stack() -> AsyncIterator[tuple[str, str]]:
+    """Yields the offline model's /v1 URL and the gRPC server's address."""
+    logs = Path(tempfile.mkdtemp(prefix="agentrun-bench-"))
+    procs: Procs = {}
+    async with (
+        temporal_dev_server(port=None, ui_port=None, ui=False) as temporal,
+        redis_server(os.environ.get("REDIS_URL")) as redis_url,
+    ):
+        model_port, grpc_port = free_port(), free_port()
+        model_url, grpc_target = f"http://127.0.0.1:{model_port}/v1", f"127.0.0.1:{grpc_port}"
+        unique = uuid.uuid4().hex[:8]  # own queue and keys, in case REDIS_URL is a shared Redis
+        env = {
+            **os.environ,
+            "TEMPORAL_ADDRESS": temporal,
+            "REDIS_URL": redis_url,
+            "AGENTRUN_TASK_QUEUE": f"bench-{unique}",
+            "AGENTRUN_REDIS_PREFIX": f"bench:{unique}:",
+            "AGENTRUN_AGENTS_FILE": str(AGENTS_FILE),
+            "OPENAI_BASE_URL": model_url,
+            "OPENAI_API_KEY": "offline",
+        }
+        commands = {
+            "model": ["-m", "worker.offline_model", "--port", str(model_port), "--token-delay-ms", "0"],
+            "worker": ["-m", "agentrun.cli", "worker"],
+            "server": ["-m", "agentrun.cli", "server", "--port", str(grpc_port)],
+        }
+        try:
+            for name, args in commands.items():
+                log = os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT)  # the child keeps its own copy
+                procs[name] = await asyncio.create_subprocess_exec(
+                    sys.executable, *args, cwd=ROOT, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
+                )
+                os.close(log)
+            await wait_ready(model_url, grpc_target, procs, logs)
+            yield model_url, grpc_target
+        finally:
+            for proc in reversed(procs.values()):  # server, worker, model: each stops before what it calls
+                if proc.returncode is None:
+                    proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 15)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+    shutil.rmtree(logs, ignore_errors=True)  # reached only on success: logs are kept for diagnosis otherwise
+
+
+async def wait_ready(model_url: str, grpc_target: str, procs: Procs, logs: Path) -> None:
+    """Until the model lists its models and the gRPC server says SERVING (warm-up waits for the worker)."""
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if dead := [name for name, proc in procs.items() if proc.returncode is not None]:
+                raise RuntimeError(f"{dead[0]} exited on start-up; see {logs / dead[0]}.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the stack was not ready within 60 s; logs in {logs}")
+            try:
+                async with http.get(f"{model_url}/models") as reply:
+                    check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == 200 and check.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except (aiohttp.ClientError, grpc.aio.AioRpcError):
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def direct(llm: openai.AsyncOpenAI, agent: dict[str, Any], prompt: str) -> Sample:
+    # The request the worker sends for this agent, so both paths ask the model the same thing.
+    messages: Any = [{"role": "system", "content": agent["system_prompt"]}, {"role": "user", "content": prompt}]
+    options: Any = {"temperature": agent.get("temperature"), "max_completion_tokens": agent.get("max_tokens")}
+    t0 = time.perf_counter()
+    ttft, parts = 0.0, []
+    stream = await llm.chat.completions.create(
+        model=agent["model"], messages=messages, stream=True, stream_options={"include_usage": True}, **options
+    )
+    async for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                ttft = ttft or time.perf_counter() - t0
+                parts.append(choice.delta.content)
+    return Sample(ttft, time.perf_counter() - t0, "".join(parts), len(parts))
+
+
+async def via_agentrun(client: AgentRunClient, prompt: str) -> Sample:
+    wall0, t0 = time.time(), time.perf_counter()
+    run_id = await client.start_run(AGENT, prompt)
+    start_rpc = time.perf_counter() - t0
+    ttft = emitted = 0.0
+    kind, parts = "", []
+    # Opened as soon as the run id is known; stream_run stops after the terminal event.
+    async for event in client.stream_run(run_id):
+        kind = event.WhichOneof("kind") or ""
+        if kind == "text_delta":
+            if not ttft:
+                ttft = time.perf_counter() - t0
+                # The worker stamps each event as it creates it; one machine, so one clock.
+                emitted = event.time.ToNanoseconds() / 1e9 - wall0
+            parts.append(event.text_delta.text)
+    if kind != "run_completed":
+        raise RuntimeError(f"run {run_id} ended with {kind or 'no terminal event'}")
+    return Sample(ttft, time.perf_counter() - t0, "".join(parts), len(parts), start_rpc, emitted)
+
+
+async def interleaved(paths: Paths, n: int, prompt: str) -> dict[str, list[Sample]]:
+    """Both paths each iteration, the order flipping, so noise and drift hit both alike."""
+    samples: dict[str, list[Sample]] = {name: [] for name in paths}
+    for i in range(n):
+        for name in list(paths)[:: 1 if i % 2 == 0 else -1]:
+            samples[name].append(await asyncio.wait_for(paths[name](prompt.format(i=i)), RUN_TIMEOUT))
+    return samples
+
+
+async def bench(runs: int, tokens: int) -> None:
+    agent = yaml.safe_load(AGENTS_FILE.read_text())["agents"][AGENT]
+    key = f"bench-{uuid.uuid4().hex[:12]}"
+    chunks = [f"tok{i} " for i in range(tokens)]
+    async with (
+        running_stack() as (model_url, grpc_target),
+        openai.AsyncOpenAI(base_url=model_url, api_key="offline", max_retries=0) as llm,
+        AgentRunClient(grpc_target) as client,
+        aiohttp.ClientSession() as http,
+    ):
+        paths: Paths = {"direct": partial(direct, llm, agent), "agentrun": partial(via_agentrun, client)}
+        # Warm-up: connections, lazy imports, Temporal's first workflow tasks, the worker's first poll.
+        await interleaved(paths, WARMUP, "Warm-up {i}: say hello.")
+        ttft = await interleaved(paths, runs, "Question {i}: what is a durable workflow?")
+        # Past its last step a script repeats it, so one key serves every repetition of both paths.
+        script = {"key": key, "steps": [{"chunks": chunks}]}
+        async with http.post(model_url.removesuffix("/v1") + "/_offline/scripts", json=script) as reply:
+            reply.raise_for_status()
+        long = await interleaved(paths, THROUGHPUT_REPS, f"Recite {key}, take {{i}}.")
+    report(runs, tokens, ttft, long, "".join(chunks))
+
+
+def report(runs: int, tokens: int, ttft: dict[str, list[Sample]], long: dict[str, list[Sample]], expected: str) -> None:
+    def row(label: str, xs: list[float]) -> str:  # median, p10, p90 in ms
+        deciles = statistics.quantiles(xs, n=10, method="inclusive")
+        return f"  {label:<44}{statistics.median(xs) * 1e3:>8.1f}{deciles[0] * 1e3:>8.1f}{deciles[-1] * 1e3:>8.1f}"
+
+    print(f"\nagentrun TTFT benchmark: {os.cpu_count()} CPUs, {platform.platform(terse=True)}")
+    print(f"offline model (0 ms token delay); {runs} interleaved samples per path after {WARMUP} warm-ups\n")
+    d, a = ttft["direct"], ttft["agentrun"]
+    print(f"{'time to first token (ms)':<46}{'median':>8}{'p10':>8}{'p90':>8}")
+    print(row("direct   (create() -> first content chunk)", [s.ttft for s in d]))
+    print(row("agentrun (StartRun -> first text_delta)", [s.ttft for s in a]))
+    added = (statistics.median(s.ttft for s in a) - statistics.median(s.ttft for s in d)) * 1e3
+    verdict = "met" if added <= 30 else f"MISSED by {added - 30:.1f} ms"
+    print(f"  {'added by agentrun (median - median)':<44}{added:>8.1f}   target <= 30 ms: {verdict}")
+    # Where the first token's time goes: StartRun, the worker (workflow/activity dispatch, model), delivery.
+    print("  agentrun breakdown:")
+    print(row("  StartRun round trip", [s.start_rpc for s in a]))
+    print(row("  StartRun call -> worker creates 1st delta", [s.emitted for s in a]))
+    print(row("  worker creates 1st delta -> client has it", [s.ttft - s.emitted for s in a]))
+    print(row("  StartRun returned -> client has 1st delta", [s.ttft - s.start_rpc for s in a]))
+    print(row("  whole run: StartRun -> terminal event", [s.total for s in a]))
+
+    print(f"\n{f'throughput, {tokens}-token reply, {THROUGHPUT_REPS} reps':<46}{'tok/s':>8}{'ms':>8}{'deltas':>8}")
+    labels = {"direct": "direct   (create() -> end of stream)", "agentrun": "agentrun (StartRun -> terminal event)"}
+    for name, rows in long.items():
+        rate = statistics.median(s.deltas / s.total for s in rows)
+        total = statistics.median(s.total for s in rows) * 1e3
+        print(f"  {labels[name]:<44}{rate:>8.0f}{total:>8.1f}{statistics.median(s.deltas for s in rows):>8.0f}")
+        if bad := sum(s.text != expected for s in rows):
+            print(f"  WARNING: {name}: {bad} of {len(rows)} streamed texts differ from the scripted text")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30, help="TTFT samples per path (at least 2)")
+    parser.add_argument("--tokens", type=int, default=2000, help="length of the throughput reply, in tokens")
+    args = parser.parse_args()
+    asyncio.run(bench(max(2, args.runs), args.tokens))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The Redis stream layout against a real Redis: sequence numbers, floors and the closed stream."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+from agentrun.v1 import agent_service_pb2 as pb
+from worker.run_stream import RunStreamWriter, new_event, read_next, read_range, stream_key
+from worker.settings import Settings
+
+
+def delta(text: str) -> pb.RunEvent:
+    return new_event(text_delta=pb.TextDelta(text=text))
+
+
+async def test_sequences_are_the_stream_ids_and_have_no_gaps(settings: Settings, redis_client: redis.Redis) -> None:
+    writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
+    first = await writer.append("r1", [delta("a"), delta("b")], floor=0)
+    second = await writer.append("r1", [delta("c")], floor=0)
+
+    events = await read_range(redis_client, settings.redis_prefix, "r1", 0)
+
+    assert (first.last_sequence, second.last_sequence) == (2, 3)
+    assert [(e.sequence, e.text_delta.text) for e in events] == [(1, "a"), (2, "b"), (3, "c")]
+    assert [e.sequence for e in await read_range(redis_client, settings.redis_prefix, "r1", 2)] == [3]
+    assert 0 < await redis_client.ttl(stream_key(settings.redis_prefix, "r1")) <= 60
+
+
+async def test_a_floor_keeps_numbering_past_a_lost_stream(settings: Settings, redis_client: redis.Redis) -> None:
+    writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
+
+    result = await writer.append("r2", [delta("x")], floor=41)
+
+    assert result.last_sequence == 42
+    assert [e.sequence for e in await read_range(redis_client, settings.redis_prefix, "r2", 0)] == [42]
+
+
+async def test_a_terminal_event_closes_the_stream(settings: Settings, redis_client: redis.Redis) -> None:
+    writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
+    await writer.append("r3", [delta("a")], floor=0)
+    done = new_event(run_completed=pb.RunCompleted(output="a"))
+
+    first = await writer.append("r3", [done], floor=1)
+    retried = await writer.append("r3", [done], floor=1)
+    late = await writer.append("r3", [delta("too late")], floor=0)
+
+    assert first.last_sequence == 2 and not first.closed
+    assert retried.last_sequence == 2 and retried.closed
+    assert late.closed
+    events = await read_range(redis_client, settings.redis_prefix, "r3", 0)
+    assert [e.WhichOneof("kind") for e in events] == ["text_delta", "run_completed"]
+
+
+async def test_read_next_waits_for_new_events(settings: Settings, redis_client: redis.Redis) -> None:
+    writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
+    assert await read_next(redis_client, settings.redis_prefix, "r4", 0, block_ms=10) == []
+    await writer.append("r4", [delta("a"), delta("b")], floor=0)
+
+    events = await read_next(redis_client, settings.redis_prefix, "r4", 1, block_ms=10)
+
+    assert [e.text_delta.text for e in events] == ["b"]
