@@ -105,7 +105,9 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     agents = load_agents(settings.agents_file)
     async with openai.AsyncOpenAI(base_url=model.base_url, api_key="offline", max_retries=0) as llm:
-        worker = build_worker(temporal_env.client, settings, redis_client=redis_client, model=llm, agents=agents)
+        worker = build_worker(
+            temporal_env.client, settings, redis_client=redis_client, model=llm, agents=agents, sandboxed=True
+        )
         async with worker:
             server, port = await serve(settings, port=0, temporal=temporal_env.client, redis_client=redis_client)
             address = f"127.0.0.1:{port}"

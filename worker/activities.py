@@ -134,8 +134,11 @@ class _Publisher:
         await self._task
 
     async def abandon(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        """Drops unsent events but lets a write in flight finish, so a retry knows exactly what was published."""
+        self._pending.clear()
+        self._done = True
+        self._wake.set()
+        with contextlib.suppress(Exception):
             await self._task
 
 
@@ -208,6 +211,8 @@ class RunActivities:
                     position += len(delta)
                     if fresh:
                         publisher.add(new_event(text_delta=pb.TextDelta(text=fresh)))
+                        # Let the publisher send now, even when more chunks are already buffered.
+                        await asyncio.sleep(0)
                 if publisher.closed:
                     break  # the run has ended (cancelled); nobody reads further deltas
             await publisher.close()
