@@ -22,6 +22,8 @@ from worker.workflows import AgentRunWorkflow
 
 log = logging.getLogger("agentrun.worker")
 
+OFFLINE_TOKEN_DELAY_SECONDS = 0.03
+
 
 def build_worker(
     client: Client,
@@ -69,7 +71,8 @@ async def model_client(settings: Settings) -> AsyncIterator[openai.AsyncOpenAI]:
         return
     from worker import offline_model
 
-    runner, base_url = await offline_model.serve()
+    # Paced like a hosted model, so that a person watching sees the answer stream.
+    runner, base_url = await offline_model.serve(token_delay=OFFLINE_TOKEN_DELAY_SECONDS)
     log.warning("no OPENAI_BASE_URL or OPENAI_API_KEY set: using the OFFLINE model at %s", base_url)
     try:
         async with openai.AsyncOpenAI(base_url=base_url, api_key=OFFLINE_API_KEY, max_retries=0) as client:
