@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 
 from agentrun.v1 import agent_service_pb2 as pb
 from worker.run_stream import new_event
-from worker.workflows import MEMO_AGENT, MEMO_CONVERSATION, MEMO_LAST_SEQUENCE, AgentRunWorkflow, RunResult
+from worker.workflows import (
+    MEMO_AGENT,
+    MEMO_APPROVALS,
+    MEMO_CONVERSATION,
+    MEMO_LAST_SEQUENCE,
+    AgentRunWorkflow,
+    RunResult,
+)
 
 WORKFLOW_TYPE = AgentRunWorkflow.__name__
 
@@ -23,6 +33,7 @@ _STATES = {
     # Continue-as-new keeps the run going under the same id.
     WorkflowExecutionStatus.CONTINUED_AS_NEW: pb.RUN_STATE_RUNNING,
 }
+_DECISIONS = {"approve": pb.APPROVAL_DECISION_APPROVE, "deny": pb.APPROVAL_DECISION_DENY}
 
 
 @dataclass
@@ -62,6 +73,42 @@ async def outcome(handle: WorkflowHandle, execution: WorkflowExecution) -> Outco
         return Outcome(state, error=str(cause.message if hasattr(cause, "message") else cause))
 
 
+def decision_to_proto(decision: str) -> pb.ApprovalDecision.ValueType:
+    return _DECISIONS.get(decision, pb.APPROVAL_DECISION_UNSPECIFIED)
+
+
+def approval_requested(approval: dict[str, Any]) -> pb.ApprovalRequested:
+    requested = pb.ApprovalRequested(
+        approval_id=approval["approval_id"],
+        call_id=approval["call_id"],
+        tool_name=approval["tool_name"],
+        arguments=approval["arguments"],
+        arguments_sha256=approval["arguments_sha256"],
+        sequence=approval["sequence"],
+    )
+    requested.deadline.FromJsonString(approval["deadline"])
+    return requested
+
+
+def approval_decided(approval: dict[str, Any]) -> pb.ApprovalDecided:
+    return pb.ApprovalDecided(
+        approval_id=approval["approval_id"],
+        call_id=approval["call_id"],
+        tool_name=approval["tool_name"],
+        decision=decision_to_proto(approval["decision"]),
+        approver=approval["approver"],
+        reason=approval["reason"],
+        timed_out=approval["timed_out"],
+    )
+
+
+async def pending_approvals(execution: WorkflowExecution) -> list[pb.ApprovalRequested]:
+    if is_finished(execution):
+        return []
+    approvals = (await execution.memo()).get(MEMO_APPROVALS, [])
+    return [approval_requested(a) for a in approvals if not a["decision"]]
+
+
 async def to_run(execution: WorkflowExecution, finished: Outcome | None = None) -> pb.Run:
     memo = await execution.memo()
     run = pb.Run(
@@ -71,6 +118,12 @@ async def to_run(execution: WorkflowExecution, finished: Outcome | None = None) 
         state=_STATES.get(execution.status, pb.RUN_STATE_UNSPECIFIED),  # type: ignore[arg-type]
         create_time=_timestamp(execution.start_time),
     )
+    approvals = memo.get(MEMO_APPROVALS, [])
+    run.decided_approvals.extend(approval_decided(a) for a in approvals if a["decision"])
+    if not is_finished(execution):
+        run.pending_approvals.extend(approval_requested(a) for a in approvals if not a["decision"])
+        if run.pending_approvals:
+            run.state = pb.RUN_STATE_WAITING_FOR_APPROVAL
     if execution.close_time is not None:
         run.end_time.CopyFrom(_timestamp(execution.close_time))
     if finished is not None:
@@ -78,15 +131,18 @@ async def to_run(execution: WorkflowExecution, finished: Outcome | None = None) 
         if finished.result is not None:
             run.output = finished.result.output
             run.usage.CopyFrom(finished.result.usage.to_proto())
+            if finished.result.structured_output is not None:
+                json_format.ParseDict(finished.result.structured_output, run.structured_output)
     return run
 
 
 async def terminal_event(execution: WorkflowExecution, finished: Outcome) -> pb.RunEvent:
     """The terminal event of a finished run, rebuilt from Temporal for when Redis no longer has it."""
     if finished.result is not None:
-        event = new_event(
-            run_completed=pb.RunCompleted(output=finished.result.output, usage=finished.result.usage.to_proto())
-        )
+        completed = pb.RunCompleted(output=finished.result.output, usage=finished.result.usage.to_proto())
+        if finished.result.structured_output is not None:
+            json_format.ParseDict(finished.result.structured_output, completed.structured_output)
+        event = new_event(run_completed=completed)
     elif finished.state == pb.RUN_STATE_CANCELLED:
         event = new_event(run_cancelled=pb.RunCancelled())
     else:
@@ -98,7 +154,7 @@ async def terminal_event(execution: WorkflowExecution, finished: Outcome) -> pb.
     return event
 
 
-def _timestamp(moment) -> Timestamp:  # type: ignore[no-untyped-def]
+def _timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment)
     return stamp

@@ -31,8 +31,14 @@ if #top > 0 then
     if entry[i] == 't' then return {last, 1} end
   end
 end
+-- A batch with a "once" key is written at most once: a retried activity that
+-- already published it adds nothing.
+if ARGV[4] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[4], 1) == 0 then
+  return {last, 0}
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 local seq = math.max(last, tonumber(ARGV[1]))
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   seq = seq + 1
   if i == #ARGV and ARGV[3] == '1' then
     redis.call('XADD', KEYS[1], seq .. '-0', 'e', ARGV[i], 't', '1')
@@ -48,6 +54,10 @@ return {seq, 0}
 def stream_key(prefix: str, run_id: str) -> str:
     # The braces are a cluster hash tag: every key of one run lands on one node.
     return f"{prefix}run:{{{run_id}}}:events"
+
+
+def _once_key(prefix: str, run_id: str) -> str:
+    return f"{prefix}run:{{{run_id}}}:published"
 
 
 def new_event(**kind: object) -> pb.RunEvent:
@@ -78,13 +88,17 @@ class RunStreamWriter:
         self._ttl = ttl_seconds
         self._append = client.register_script(_APPEND)
 
-    async def append(self, run_id: str, events: list[pb.RunEvent], *, floor: int) -> AppendResult:
-        """Appends ``events`` in order; a terminal event may only come last."""
+    async def append(self, run_id: str, events: list[pb.RunEvent], *, floor: int, once: str = "") -> AppendResult:
+        """Appends ``events`` in order; a terminal event may only come last.
+
+        With ``once``, a batch published before under the same key is not
+        published again.
+        """
         terminal = bool(events) and is_terminal(events[-1])
         payloads = [event.SerializeToString() for event in events]
         last, closed = await self._append(
-            keys=[stream_key(self._prefix, run_id)],
-            args=[floor, self._ttl, "1" if terminal else "0", *payloads],
+            keys=[stream_key(self._prefix, run_id), _once_key(self._prefix, run_id)],
+            args=[floor, self._ttl, "1" if terminal else "0", once, *payloads],
         )
         return AppendResult(int(last), bool(closed))
 

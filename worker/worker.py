@@ -15,9 +15,11 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from worker.activities import HEARTBEAT_INTERVAL_SECONDS, RunActivities
-from worker.agents import AgentConfig, load_agents
+from worker.agents import AgentConfig, AgentConfigError, load_agents
+from worker.conversations import ConversationStore
 from worker.run_stream import RunStreamWriter
 from worker.settings import OFFLINE_API_KEY, Settings, connect_redis, connect_temporal, stop_on_signals
+from worker.tools import ToolRegistry, default_registry
 from worker.workflows import AgentRunWorkflow
 
 log = logging.getLogger("agentrun.worker")
@@ -32,6 +34,7 @@ def build_worker(
     redis_client: redis.Redis,
     model: openai.AsyncOpenAI,
     agents: dict[str, AgentConfig],
+    tools: ToolRegistry | None = None,
     sandboxed: bool = False,
 ) -> Worker:
     """The worker for ``settings.task_queue``.
@@ -42,15 +45,32 @@ def build_worker(
     checks still guard the code: the test suite runs its workers sandboxed, and
     the replay tests replay committed histories in the sandbox.
     """
+    tools = tools or default_registry()
+    for agent in agents.values():
+        missing = sorted(set(agent.tools) - set(tools.names()))
+        if missing:
+            raise AgentConfigError(
+                f"agent {agent.name!r} uses tools this worker does not have: {', '.join(missing)} "
+                f"(it has: {', '.join(tools.names())})"
+            )
     activities = RunActivities(
-        model, RunStreamWriter(redis_client, settings.redis_prefix, settings.stream_ttl_seconds), agents
+        model,
+        RunStreamWriter(redis_client, settings.redis_prefix, settings.stream_ttl_seconds),
+        agents,
+        tools,
+        ConversationStore(redis_client, settings.redis_prefix),
     )
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[AgentRunWorkflow],
         workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),
-        activities=[activities.call_model, activities.publish_terminal_event],
+        activities=[
+            activities.call_model,
+            activities.run_tool,
+            activities.publish_events,
+            activities.publish_terminal_event,
+        ],
         # Heartbeats carry cancellation to a streaming model call; send them often
         # enough that CancelRun takes effect within about a second.
         max_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_INTERVAL_SECONDS),

@@ -59,3 +59,15 @@ async def test_read_next_waits_for_new_events(settings: Settings, redis_client: 
     events = await read_next(redis_client, settings.redis_prefix, "r4", 1, block_ms=10)
 
     assert [e.text_delta.text for e in events] == ["b"]
+
+
+async def test_a_batch_with_a_once_key_is_published_once(settings: Settings, redis_client: redis.Redis) -> None:
+    writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
+
+    first = await writer.append("r5", [delta("a"), delta("b")], floor=0, once="batch-1")
+    again = await writer.append("r5", [delta("a"), delta("b")], floor=0, once="batch-1")
+    other = await writer.append("r5", [delta("c")], floor=0, once="batch-2")
+
+    assert (first.last_sequence, again.last_sequence, other.last_sequence) == (2, 2, 3)
+    events = await read_range(redis_client, settings.redis_prefix, "r5", 0)
+    assert [e.text_delta.text for e in events] == ["a", "b", "c"]

@@ -22,58 +22,69 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gentrun/v1/agent_service.proto\x12\x0b\x61gentrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x0fStartRunRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\"\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\":\n\x10StreamRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"9\n\x11StreamRunResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.RunEvent\"\xa6\x02\n\x08RunEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nagent_path\x18\x03 \x03(\t\x12,\n\ntext_delta\x18\n \x01(\x0b\x32\x16.agentrun.v1.TextDeltaH\x00\x12\x32\n\rrun_completed\x18\x0b \x01(\x0b\x32\x19.agentrun.v1.RunCompletedH\x00\x12,\n\nrun_failed\x18\x0c \x01(\x0b\x32\x16.agentrun.v1.RunFailedH\x00\x12\x32\n\rrun_cancelled\x18\r \x01(\x0b\x32\x19.agentrun.v1.RunCancelledH\x00\x42\x06\n\x04kind\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"A\n\x0cRunCompleted\x12\x0e\n\x06output\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Usage\"\x1a\n\tRunFailed\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"\x1e\n\x0cRunCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x80\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x04 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x05 \x01(\x03\"\x84\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.agentrun.v1.RunState\x12\x0e\n\x06output\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.agentrun.v1.Usage\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\x0e\x41pproveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1d.agentrun.v1.ApprovalDecision\x12\x0e\n\x06reason\x18\x04 \x01(\t\"T\n\x0f\x41pproveResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1d.agentrun.v1.ApprovalDecision\x12\x10\n\x08\x61pprover\x18\x02 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0eGetRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.agentrun.v1.Run\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11\x43\x61ncelRunResponse\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.agentrun.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xa8\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\"\n\x1eRUN_STATE_WAITING_FOR_APPROVAL\x10\x02\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05*p\n\x10\x41pprovalDecision\x12!\n\x1d\x41PPROVAL_DECISION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41PPROVAL_DECISION_APPROVE\x10\x01\x12\x1a\n\x16\x41PPROVAL_DECISION_DENY\x10\x02\x32\xc3\x03\n\x0c\x41gentService\x12G\n\x08StartRun\x12\x1c.agentrun.v1.StartRunRequest\x1a\x1d.agentrun.v1.StartRunResponse\x12L\n\tStreamRun\x12\x1d.agentrun.v1.StreamRunRequest\x1a\x1e.agentrun.v1.StreamRunResponse0\x01\x12\x44\n\x07\x41pprove\x12\x1b.agentrun.v1.ApproveRequest\x1a\x1c.agentrun.v1.ApproveResponse\x12\x41\n\x06GetRun\x12\x1a.agentrun.v1.GetRunRequest\x1a\x1b.agentrun.v1.GetRunResponse\x12J\n\tCancelRun\x12\x1d.agentrun.v1.CancelRunRequest\x1a\x1e.agentrun.v1.CancelRunResponse\x12G\n\x08ListRuns\x12\x1c.agentrun.v1.ListRunsRequest\x1a\x1d.agentrun.v1.ListRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gentrun/v1/agent_service.proto\x12\x0b\x61gentrun.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x0fStartRunRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\"\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\":\n\x10StreamRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"9\n\x11StreamRunResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.RunEvent\"\x96\x04\n\x08RunEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nagent_path\x18\x03 \x03(\t\x12,\n\ntext_delta\x18\n \x01(\x0b\x32\x16.agentrun.v1.TextDeltaH\x00\x12\x32\n\rrun_completed\x18\x0b \x01(\x0b\x32\x19.agentrun.v1.RunCompletedH\x00\x12,\n\nrun_failed\x18\x0c \x01(\x0b\x32\x16.agentrun.v1.RunFailedH\x00\x12\x32\n\rrun_cancelled\x18\r \x01(\x0b\x32\x19.agentrun.v1.RunCancelledH\x00\x12\x39\n\x11tool_call_started\x18\x0e \x01(\x0b\x32\x1c.agentrun.v1.ToolCallStartedH\x00\x12;\n\x12tool_call_finished\x18\x0f \x01(\x0b\x32\x1d.agentrun.v1.ToolCallFinishedH\x00\x12<\n\x12\x61pproval_requested\x18\x10 \x01(\x0b\x32\x1e.agentrun.v1.ApprovalRequestedH\x00\x12\x38\n\x10\x61pproval_decided\x18\x11 \x01(\x0b\x32\x1c.agentrun.v1.ApprovalDecidedH\x00\x42\x06\n\x04kind\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"t\n\x0cRunCompleted\x12\x0e\n\x06output\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Usage\x12\x31\n\x11structured_output\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"H\n\x0fToolCallStarted\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x82\x01\n\x10ToolCallFinished\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.agentrun.v1.ToolCallStatus\x12\x0e\n\x06result\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xb9\x01\n\x11\x41pprovalRequested\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x07 \x01(\x03\"\xb0\x01\n\x0f\x41pprovalDecided\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x1d.agentrun.v1.ApprovalDecision\x12\x10\n\x08\x61pprover\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\ttimed_out\x18\x07 \x01(\x08\"\x1a\n\tRunFailed\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"\x1e\n\x0cRunCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x80\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x04 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x05 \x01(\x03\"\xab\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.agentrun.v1.RunState\x12\x0e\n\x06output\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.agentrun.v1.Usage\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x11pending_approvals\x18\n \x03(\x0b\x32\x1e.agentrun.v1.ApprovalRequested\x12\x37\n\x11\x64\x65\x63ided_approvals\x18\x0b \x03(\x0b\x32\x1c.agentrun.v1.ApprovalDecided\x12\x31\n\x11structured_output\x18\x0c \x01(\x0b\x32\x16.google.protobuf.Value\"\x90\x01\n\x0e\x41pproveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1d.agentrun.v1.ApprovalDecision\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10\x61rguments_sha256\x18\x05 \x01(\t\"d\n\x0f\x41pproveResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1d.agentrun.v1.ApprovalDecision\x12\x10\n\x08\x61pprover\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0eGetRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.agentrun.v1.Run\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11\x43\x61ncelRunResponse\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.agentrun.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8c\x01\n\x0eToolCallStatus\x12 \n\x1cTOOL_CALL_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aTOOL_CALL_STATUS_COMPLETED\x10\x01\x12\x1b\n\x17TOOL_CALL_STATUS_FAILED\x10\x02\x12\x1b\n\x17TOOL_CALL_STATUS_DENIED\x10\x03*\xa8\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\"\n\x1eRUN_STATE_WAITING_FOR_APPROVAL\x10\x02\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05*p\n\x10\x41pprovalDecision\x12!\n\x1d\x41PPROVAL_DECISION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41PPROVAL_DECISION_APPROVE\x10\x01\x12\x1a\n\x16\x41PPROVAL_DECISION_DENY\x10\x02\x32\xc3\x03\n\x0c\x41gentService\x12G\n\x08StartRun\x12\x1c.agentrun.v1.StartRunRequest\x1a\x1d.agentrun.v1.StartRunResponse\x12L\n\tStreamRun\x12\x1d.agentrun.v1.StreamRunRequest\x1a\x1e.agentrun.v1.StreamRunResponse0\x01\x12\x44\n\x07\x41pprove\x12\x1b.agentrun.v1.ApproveRequest\x1a\x1c.agentrun.v1.ApproveResponse\x12\x41\n\x06GetRun\x12\x1a.agentrun.v1.GetRunRequest\x1a\x1b.agentrun.v1.GetRunResponse\x12J\n\tCancelRun\x12\x1d.agentrun.v1.CancelRunRequest\x1a\x1e.agentrun.v1.CancelRunResponse\x12G\n\x08ListRuns\x12\x1c.agentrun.v1.ListRunsRequest\x1a\x1d.agentrun.v1.ListRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentrun.v1.agent_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=1672
-  _globals['_RUNSTATE']._serialized_end=1840
-  _globals['_APPROVALDECISION']._serialized_start=1842
-  _globals['_APPROVALDECISION']._serialized_end=1954
-  _globals['_STARTRUNREQUEST']._serialized_start=81
-  _globals['_STARTRUNREQUEST']._serialized_end=173
-  _globals['_STARTRUNRESPONSE']._serialized_start=175
-  _globals['_STARTRUNRESPONSE']._serialized_end=209
-  _globals['_STREAMRUNREQUEST']._serialized_start=211
-  _globals['_STREAMRUNREQUEST']._serialized_end=269
-  _globals['_STREAMRUNRESPONSE']._serialized_start=271
-  _globals['_STREAMRUNRESPONSE']._serialized_end=328
-  _globals['_RUNEVENT']._serialized_start=331
-  _globals['_RUNEVENT']._serialized_end=625
-  _globals['_TEXTDELTA']._serialized_start=627
-  _globals['_TEXTDELTA']._serialized_end=652
-  _globals['_RUNCOMPLETED']._serialized_start=654
-  _globals['_RUNCOMPLETED']._serialized_end=719
-  _globals['_RUNFAILED']._serialized_start=721
-  _globals['_RUNFAILED']._serialized_end=747
-  _globals['_RUNCANCELLED']._serialized_start=749
-  _globals['_RUNCANCELLED']._serialized_end=779
-  _globals['_USAGE']._serialized_start=782
-  _globals['_USAGE']._serialized_end=910
-  _globals['_RUN']._serialized_start=913
-  _globals['_RUN']._serialized_end=1173
-  _globals['_APPROVEREQUEST']._serialized_start=1175
-  _globals['_APPROVEREQUEST']._serialized_end=1293
-  _globals['_APPROVERESPONSE']._serialized_start=1295
-  _globals['_APPROVERESPONSE']._serialized_end=1379
-  _globals['_GETRUNREQUEST']._serialized_start=1381
-  _globals['_GETRUNREQUEST']._serialized_end=1412
-  _globals['_GETRUNRESPONSE']._serialized_start=1414
-  _globals['_GETRUNRESPONSE']._serialized_end=1461
-  _globals['_CANCELRUNREQUEST']._serialized_start=1463
-  _globals['_CANCELRUNREQUEST']._serialized_end=1513
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1515
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1534
-  _globals['_LISTRUNSREQUEST']._serialized_start=1536
-  _globals['_LISTRUNSREQUEST']._serialized_end=1592
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1594
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1669
-  _globals['_AGENTSERVICE']._serialized_start=1957
-  _globals['_AGENTSERVICE']._serialized_end=2408
+  _globals['_TOOLCALLSTATUS']._serialized_start=2777
+  _globals['_TOOLCALLSTATUS']._serialized_end=2917
+  _globals['_RUNSTATE']._serialized_start=2920
+  _globals['_RUNSTATE']._serialized_end=3088
+  _globals['_APPROVALDECISION']._serialized_start=3090
+  _globals['_APPROVALDECISION']._serialized_end=3202
+  _globals['_STARTRUNREQUEST']._serialized_start=111
+  _globals['_STARTRUNREQUEST']._serialized_end=203
+  _globals['_STARTRUNRESPONSE']._serialized_start=205
+  _globals['_STARTRUNRESPONSE']._serialized_end=239
+  _globals['_STREAMRUNREQUEST']._serialized_start=241
+  _globals['_STREAMRUNREQUEST']._serialized_end=299
+  _globals['_STREAMRUNRESPONSE']._serialized_start=301
+  _globals['_STREAMRUNRESPONSE']._serialized_end=358
+  _globals['_RUNEVENT']._serialized_start=361
+  _globals['_RUNEVENT']._serialized_end=895
+  _globals['_TEXTDELTA']._serialized_start=897
+  _globals['_TEXTDELTA']._serialized_end=922
+  _globals['_RUNCOMPLETED']._serialized_start=924
+  _globals['_RUNCOMPLETED']._serialized_end=1040
+  _globals['_TOOLCALLSTARTED']._serialized_start=1042
+  _globals['_TOOLCALLSTARTED']._serialized_end=1114
+  _globals['_TOOLCALLFINISHED']._serialized_start=1117
+  _globals['_TOOLCALLFINISHED']._serialized_end=1247
+  _globals['_APPROVALREQUESTED']._serialized_start=1250
+  _globals['_APPROVALREQUESTED']._serialized_end=1435
+  _globals['_APPROVALDECIDED']._serialized_start=1438
+  _globals['_APPROVALDECIDED']._serialized_end=1614
+  _globals['_RUNFAILED']._serialized_start=1616
+  _globals['_RUNFAILED']._serialized_end=1642
+  _globals['_RUNCANCELLED']._serialized_start=1644
+  _globals['_RUNCANCELLED']._serialized_end=1674
+  _globals['_USAGE']._serialized_start=1677
+  _globals['_USAGE']._serialized_end=1805
+  _globals['_RUN']._serialized_start=1808
+  _globals['_RUN']._serialized_end=2235
+  _globals['_APPROVEREQUEST']._serialized_start=2238
+  _globals['_APPROVEREQUEST']._serialized_end=2382
+  _globals['_APPROVERESPONSE']._serialized_start=2384
+  _globals['_APPROVERESPONSE']._serialized_end=2484
+  _globals['_GETRUNREQUEST']._serialized_start=2486
+  _globals['_GETRUNREQUEST']._serialized_end=2517
+  _globals['_GETRUNRESPONSE']._serialized_start=2519
+  _globals['_GETRUNRESPONSE']._serialized_end=2566
+  _globals['_CANCELRUNREQUEST']._serialized_start=2568
+  _globals['_CANCELRUNREQUEST']._serialized_end=2618
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2620
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2639
+  _globals['_LISTRUNSREQUEST']._serialized_start=2641
+  _globals['_LISTRUNSREQUEST']._serialized_end=2697
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2699
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2774
+  _globals['_AGENTSERVICE']._serialized_start=3205
+  _globals['_AGENTSERVICE']._serialized_end=3656
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -19,6 +20,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ToolCallStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolCallStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolCallStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CALL_STATUS_UNSPECIFIED: _ToolCallStatus.ValueType  # 0
+    """The status is not known."""
+    TOOL_CALL_STATUS_COMPLETED: _ToolCallStatus.ValueType  # 1
+    """The tool ran and returned a result."""
+    TOOL_CALL_STATUS_FAILED: _ToolCallStatus.ValueType  # 2
+    """The call failed: unknown tool, invalid arguments, or an error in the tool."""
+    TOOL_CALL_STATUS_DENIED: _ToolCallStatus.ValueType  # 3
+    """An approver denied the call, or its approval deadline passed."""
+
+class ToolCallStatus(_ToolCallStatus, metaclass=_ToolCallStatusEnumTypeWrapper):
+    """ToolCallStatus says how a tool call ended."""
+
+TOOL_CALL_STATUS_UNSPECIFIED: ToolCallStatus.ValueType  # 0
+"""The status is not known."""
+TOOL_CALL_STATUS_COMPLETED: ToolCallStatus.ValueType  # 1
+"""The tool ran and returned a result."""
+TOOL_CALL_STATUS_FAILED: ToolCallStatus.ValueType  # 2
+"""The call failed: unknown tool, invalid arguments, or an error in the tool."""
+TOOL_CALL_STATUS_DENIED: ToolCallStatus.ValueType  # 3
+"""An approver denied the call, or its approval deadline passed."""
+Global___ToolCallStatus: _TypeAlias = ToolCallStatus  # noqa: Y015
 
 class _RunState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -203,6 +232,10 @@ class RunEvent(_message.Message):
     RUN_COMPLETED_FIELD_NUMBER: _builtins.int
     RUN_FAILED_FIELD_NUMBER: _builtins.int
     RUN_CANCELLED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_STARTED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FINISHED_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUESTED_FIELD_NUMBER: _builtins.int
+    APPROVAL_DECIDED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The position of the event in its run: 1 for the first event, then
     increasing by exactly one, so a gap or a repeat can be detected.
@@ -233,6 +266,25 @@ class RunEvent(_message.Message):
     def run_cancelled(self) -> Global___RunCancelled:
         """The run was cancelled. This is a terminal event."""
 
+    @_builtins.property
+    def tool_call_started(self) -> Global___ToolCallStarted:
+        """The model called a tool."""
+
+    @_builtins.property
+    def tool_call_finished(self) -> Global___ToolCallFinished:
+        """A tool call ended: it ran, failed, or was denied."""
+
+    @_builtins.property
+    def approval_requested(self) -> Global___ApprovalRequested:
+        """A tool call waits for a person or a service to approve it. A client that
+        reconnects receives the requests still pending first, with their
+        original sequence numbers.
+        """
+
+    @_builtins.property
+    def approval_decided(self) -> Global___ApprovalDecided:
+        """An approval request was answered, or its deadline passed."""
+
     def __init__(
         self,
         *,
@@ -243,12 +295,16 @@ class RunEvent(_message.Message):
         run_completed: Global___RunCompleted | None = ...,
         run_failed: Global___RunFailed | None = ...,
         run_cancelled: Global___RunCancelled | None = ...,
+        tool_call_started: Global___ToolCallStarted | None = ...,
+        tool_call_finished: Global___ToolCallFinished | None = ...,
+        approval_requested: Global___ApprovalRequested | None = ...,
+        approval_decided: Global___ApprovalDecided | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "text_delta", b"text_delta", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "text_delta", b"text_delta", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "sequence", b"sequence", "text_delta", b"text_delta", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "sequence", b"sequence", "text_delta", b"text_delta", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text_delta", "run_completed", "run_failed", "run_cancelled"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text_delta", "run_completed", "run_failed", "run_cancelled", "tool_call_started", "tool_call_finished", "approval_requested", "approval_decided"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -284,25 +340,199 @@ class RunCompleted(_message.Message):
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
     output: _builtins.str
     """The whole final answer."""
     @_builtins.property
     def usage(self) -> Global___Usage:
         """The tokens the run used, summed over its model calls."""
 
+    @_builtins.property
+    def structured_output(self) -> _struct_pb2.Value:
+        """The answer parsed as JSON, when the agent declares an output schema; it
+        has been validated against that schema.
+        """
+
     def __init__(
         self,
         *,
         output: _builtins.str = ...,
         usage: Global___Usage | None = ...,
+        structured_output: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunCompleted: _TypeAlias = RunCompleted  # noqa: Y015
+
+@_typing.final
+class ToolCallStarted(_message.Message):
+    """ToolCallStarted reports a tool call that the model made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    """The id of the call, unique within the run."""
+    tool_name: _builtins.str
+    """The name of the tool."""
+    arguments: _builtins.str
+    """The arguments exactly as the model sent them, normally a JSON object."""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallStarted: _TypeAlias = ToolCallStarted  # noqa: Y015
+
+@_typing.final
+class ToolCallFinished(_message.Message):
+    """ToolCallFinished reports the end of a tool call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    """The id of the call, as in its tool_call_started event."""
+    tool_name: _builtins.str
+    """The name of the tool."""
+    status: Global___ToolCallStatus.ValueType
+    """How the call ended."""
+    result: _builtins.str
+    """The tool's result, when it completed."""
+    error: _builtins.str
+    """What went wrong, when it failed or was denied; the model sees this text."""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        status: Global___ToolCallStatus.ValueType = ...,
+        result: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error", b"error", "result", b"result", "status", b"status", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallFinished: _TypeAlias = ToolCallFinished  # noqa: Y015
+
+@_typing.final
+class ApprovalRequested(_message.Message):
+    """ApprovalRequested describes a tool call that waits for approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_SHA256_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """The id to answer with Approve."""
+    call_id: _builtins.str
+    """The id of the tool call that waits."""
+    tool_name: _builtins.str
+    """The name of the tool."""
+    arguments: _builtins.str
+    """The exact arguments the tool would run with."""
+    arguments_sha256: _builtins.str
+    """The SHA-256 of the arguments, hex-encoded; an approver may send it back in
+    ApproveRequest to bind the decision to exactly these arguments.
+    """
+    sequence: _builtins.int
+    """The sequence number of the event that announced the request."""
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the request expires and the agent's timeout choice applies."""
+
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+        arguments_sha256: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "arguments", b"arguments", "arguments_sha256", b"arguments_sha256", "call_id", b"call_id", "deadline", b"deadline", "sequence", b"sequence", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequested: _TypeAlias = ApprovalRequested  # noqa: Y015
+
+@_typing.final
+class ApprovalDecided(_message.Message):
+    """ApprovalDecided records the answer to an approval request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """The id of the approval request."""
+    call_id: _builtins.str
+    """The id of the tool call it was about."""
+    tool_name: _builtins.str
+    """The name of the tool."""
+    decision: Global___ApprovalDecision.ValueType
+    """The decision."""
+    approver: _builtins.str
+    """Who decided: the authenticated approver, or "agentrun:timeout" when the
+    deadline passed.
+    """
+    reason: _builtins.str
+    """Why, as the approver said."""
+    timed_out: _builtins.bool
+    """Whether the decision was made by the deadline passing."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        decision: Global___ApprovalDecision.ValueType = ...,
+        approver: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        timed_out: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approver", b"approver", "call_id", b"call_id", "decision", b"decision", "reason", b"reason", "timed_out", b"timed_out", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalDecided: _TypeAlias = ApprovalDecided  # noqa: Y015
 
 @_typing.final
 class RunFailed(_message.Message):
@@ -401,6 +631,9 @@ class Run(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_APPROVALS_FIELD_NUMBER: _builtins.int
+    DECIDED_APPROVALS_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The id of the run."""
     agent: _builtins.str
@@ -425,6 +658,18 @@ class Run(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the run ended; unset while it runs."""
 
+    @_builtins.property
+    def pending_approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalRequested]:
+        """The approval requests that wait for an answer."""
+
+    @_builtins.property
+    def decided_approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalDecided]:
+        """The approval requests that were answered, in order."""
+
+    @_builtins.property
+    def structured_output(self) -> _struct_pb2.Value:
+        """The answer parsed as JSON, when the agent declares an output schema."""
+
     def __init__(
         self,
         *,
@@ -437,10 +682,13 @@ class Run(_message.Message):
         conversation_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        pending_approvals: _abc.Iterable[Global___ApprovalRequested] | None = ...,
+        decided_approvals: _abc.Iterable[Global___ApprovalDecided] | None = ...,
+        structured_output: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "conversation_id", b"conversation_id", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "output", b"output", "run_id", b"run_id", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "conversation_id", b"conversation_id", "create_time", b"create_time", "decided_approvals", b"decided_approvals", "end_time", b"end_time", "error", b"error", "output", b"output", "pending_approvals", b"pending_approvals", "run_id", b"run_id", "state", b"state", "structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,6 +704,7 @@ class ApproveRequest(_message.Message):
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_SHA256_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The id of the run that asked for approval."""
     approval_id: _builtins.str
@@ -464,6 +713,10 @@ class ApproveRequest(_message.Message):
     """The answer."""
     reason: _builtins.str
     """Why the approver decided so, shown to the model on a denial."""
+    arguments_sha256: _builtins.str
+    """Optionally, the arguments_sha256 of the request being answered: when it
+    differs from the request's, the call fails with FAILED_PRECONDITION.
+    """
     def __init__(
         self,
         *,
@@ -471,10 +724,11 @@ class ApproveRequest(_message.Message):
         approval_id: _builtins.str = ...,
         decision: Global___ApprovalDecision.ValueType = ...,
         reason: _builtins.str = ...,
+        arguments_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decision", b"decision", "reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "arguments_sha256", b"arguments_sha256", "decision", b"decision", "reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,19 +742,23 @@ class ApproveResponse(_message.Message):
 
     DECISION_FIELD_NUMBER: _builtins.int
     APPROVER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     decision: Global___ApprovalDecision.ValueType
     """The decision recorded for the approval request."""
     approver: _builtins.str
     """Who made the recorded decision."""
+    reason: _builtins.str
+    """The reason recorded with the decision."""
     def __init__(
         self,
         *,
         decision: Global___ApprovalDecision.ValueType = ...,
         approver: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "decision", b"decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "decision", b"decision", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,7 +90,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Approve(self, request, context):
-        """Approve answers a pending approval request of a run.
+        """Approve answers a pending approval request of a run. The approver is read
+        from the request metadata "x-agentrun-approver" and recorded with the
+        decision.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

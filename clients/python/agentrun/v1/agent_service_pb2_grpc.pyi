@@ -44,7 +44,10 @@ class AgentServiceStub:
     follows the run live until its terminal event, then ends with OK.
     """
     Approve: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]
-    """Approve answers a pending approval request of a run."""
+    """Approve answers a pending approval request of a run. The approver is read
+    from the request metadata "x-agentrun-approver" and recorded with the
+    decision.
+    """
     GetRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetRunRequest, _agent_service_pb2.GetRunResponse]
     """GetRun returns the current state of a run."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]
@@ -68,7 +71,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     follows the run live until its terminal event, then ends with OK.
     """
     Approve: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]  # type: ignore[assignment]
-    """Approve answers a pending approval request of a run."""
+    """Approve answers a pending approval request of a run. The approver is read
+    from the request metadata "x-agentrun-approver" and recorded with the
+    decision.
+    """
     GetRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetRunRequest, _agent_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """GetRun returns the current state of a run."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]  # type: ignore[assignment]
@@ -107,7 +113,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ApproveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ApproveResponse, _abc.Awaitable[_agent_service_pb2.ApproveResponse]]:
-        """Approve answers a pending approval request of a run."""
+        """Approve answers a pending approval request of a run. The approver is read
+        from the request metadata "x-agentrun-approver" and recorded with the
+        decision.
+        """
 
     @_abc_1.abstractmethod
     def GetRun(
