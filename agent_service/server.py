@@ -11,23 +11,25 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from temporalio.client import Client, WorkflowExecution
+from temporalio.client import Client, WorkflowExecution, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from agent_service import _runs
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 from worker.agents import AgentConfig, load_agents
+from worker.conversations import ConversationStore
 from worker.run_stream import is_terminal, read_next, read_range
 from worker.settings import Settings, connect_redis, connect_temporal, stop_on_signals
-from worker.workflows import MEMO_AGENT, MEMO_CONVERSATION, AgentRunWorkflow, RunInput
+from worker.workflows import MEMO_AGENT, MEMO_CONVERSATION, AgentRunWorkflow, ApprovalDecision, RunInput
 
 log = logging.getLogger("agentrun.server")
 
@@ -41,6 +43,16 @@ MAX_PAGE_SIZE = 1000
 # socket timeout (5 s), which also bounds a blocking XREAD.
 IDLE_CHECK_MS = 2000
 CLOSE_WAIT_SECONDS = 5.0
+# The workflow enforces each run's timeout; Temporal's own limit only catches a stuck run.
+RUN_TIMEOUT_GRACE_SECONDS = 60
+MAX_REASON_LENGTH = 2000
+APPROVER_METADATA = "x-agentrun-approver"
+_DECISIONS = {pb.APPROVAL_DECISION_APPROVE: "approve", pb.APPROVAL_DECISION_DENY: "deny"}
+_APPROVAL_ERRORS = {
+    "ApprovalNotFound": grpc.StatusCode.NOT_FOUND,
+    "ApprovalConflict": grpc.StatusCode.FAILED_PRECONDITION,
+}
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
 
 
@@ -50,6 +62,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self._temporal = temporal
         self._redis = redis_client
         self._agents = agents
+        self._conversations = ConversationStore(redis_client, settings.redis_prefix)
 
     async def StartRun(self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext) -> pb.StartRunResponse:
         if not request.agent:
@@ -70,19 +83,65 @@ class AgentService(pb_grpc.AgentServiceServicer):
             run_id = "run-" + hashlib.sha256(request.request_id.encode()).hexdigest()[:32]
         else:
             run_id = "run-" + uuid.uuid4().hex
+        conversation = request.conversation_id
+        if conversation:
+            await self._claim_conversation(context, conversation, run_id, agent)
+            # The user's turn is saved before the run starts, so a run that fails
+            # later never loses it (saving is idempotent per run).
+            await self._conversations.append(
+                conversation,
+                run_id,
+                [{"role": "user", "content": request.input}],
+                ttl_seconds=agent.history_ttl_seconds,
+            )
         try:
             await self._temporal.start_workflow(
                 AgentRunWorkflow.run,
-                RunInput(run_id, agent, request.input, request.conversation_id),
+                RunInput(run_id, agent, request.input, conversation),
                 id=run_id,
                 task_queue=self._settings.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                memo={MEMO_AGENT: agent.name, MEMO_CONVERSATION: request.conversation_id},
+                # A backstop only: the workflow enforces the run's timeout itself and ends cleanly.
+                execution_timeout=timedelta(seconds=agent.run_timeout_seconds() + RUN_TIMEOUT_GRACE_SECONDS),
+                memo={MEMO_AGENT: agent.name, MEMO_CONVERSATION: conversation},
             )
         except WorkflowAlreadyStartedError:
-            pass  # the first run with this request_id has already finished
+            # The first run with this request_id has already finished.
+            if conversation:
+                await self._conversations.release_active_run(conversation, run_id)
+        except BaseException:
+            if conversation:
+                await self._conversations.release_active_run(conversation, run_id)
+            raise
         return pb.StartRunResponse(run_id=run_id)
+
+    async def _claim_conversation(
+        self, context: grpc.aio.ServicerContext, conversation: str, run_id: str, agent: AgentConfig
+    ) -> None:
+        """One active run per conversation; a claim left by a run that has ended is taken over."""
+        lease = int(agent.run_timeout_seconds() + RUN_TIMEOUT_GRACE_SECONDS)
+        holder = await self._conversations.acquire_active_run(conversation, run_id, ttl_seconds=lease)
+        if holder is None:
+            return
+        if not await self._is_running(holder) and await self._conversations.replace_active_run(
+            conversation, holder, run_id, ttl_seconds=lease
+        ):
+            return
+        current = await self._conversations.active_run(conversation) or holder
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"conversation {conversation!r} already has an active run {current!r}; wait for it to end or cancel it",
+        )
+
+    async def _is_running(self, run_id: str) -> bool:
+        try:
+            execution = await _runs.handle(self._temporal, run_id).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return not _runs.is_finished(execution)
 
     async def StreamRun(
         self, request: pb.StreamRunRequest, context: grpc.aio.ServicerContext
@@ -92,6 +151,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await _invalid(context, "after_sequence", "must not be negative")
         run_id, after = request.run_id, request.after_sequence
         prefix = self._settings.redis_prefix
+        if after > 0:
+            # A client that reconnects gets the approval requests still waiting for
+            # an answer again, even those it saw before it went away.
+            execution = await self._describe(context, run_id)
+            for approval in await _runs.pending_approvals(execution):
+                if approval.sequence <= after:
+                    yield pb.StreamRunResponse(
+                        event=pb.RunEvent(sequence=approval.sequence, approval_requested=approval)
+                    )
         events = await read_range(self._redis, prefix, run_id, after)
         if not events:
             # Nothing new in Redis: the run may be unknown, just starting, or its
@@ -187,8 +255,39 @@ class AgentService(pb_grpc.AgentServiceServicer):
         return pb.ListRunsResponse(runs=runs, next_page_token=next_token)
 
     async def Approve(self, request: pb.ApproveRequest, context: grpc.aio.ServicerContext) -> pb.ApproveResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "approvals are not implemented yet")
-        raise AssertionError
+        await _check_id(context, "run_id", request.run_id, required=True)
+        await _check_id(context, "approval_id", request.approval_id, required=True)
+        decision = _DECISIONS.get(request.decision)
+        if decision is None:
+            await _invalid(context, "decision", "must be APPROVAL_DECISION_APPROVE or APPROVAL_DECISION_DENY")
+            raise AssertionError
+        if len(request.reason) > MAX_REASON_LENGTH:
+            await _invalid(context, "reason", f"must be at most {MAX_REASON_LENGTH} characters")
+        if request.arguments_sha256 and not _SHA256_PATTERN.match(request.arguments_sha256):
+            await _invalid(context, "arguments_sha256", "must be 64 lowercase hexadecimal digits")
+        approver = await approver_of(context)
+        execution = await self._describe(context, request.run_id)
+        if _runs.is_finished(execution):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run_id!r} has already ended")
+        answer = ApprovalDecision(
+            request.approval_id, decision, approver, request.reason, arguments_sha256=request.arguments_sha256
+        )
+        try:
+            approval = await _runs.handle(self._temporal, request.run_id).execute_update(
+                AgentRunWorkflow.decide_approval, answer
+            )
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type in _APPROVAL_ERRORS:
+                await context.abort(_APPROVAL_ERRORS[cause.type], cause.message)
+            raise
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:  # the run ended meanwhile
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run_id!r} has already ended")
+            raise
+        return pb.ApproveResponse(
+            decision=_runs.decision_to_proto(approval.decision), approver=approval.approver, reason=approval.reason
+        )
 
     async def _describe(self, context: grpc.aio.ServicerContext, run_id: str) -> WorkflowExecution:
         try:
@@ -201,6 +300,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"run {run_id!r} does not exist")
             raise AssertionError
         return execution
+
+
+async def approver_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling Approve: the one place that reads the approver's identity.
+
+    Until authentication lands, it comes from the request metadata.
+    """
+    for key, value in context.invocation_metadata() or ():
+        if key == APPROVER_METADATA and isinstance(value, str) and value.strip():
+            if len(value) > MAX_ID_LENGTH:
+                await _invalid(context, APPROVER_METADATA, f"must be at most {MAX_ID_LENGTH} characters")
+            return value.strip()
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED, f"Approve needs the approver's identity in the {APPROVER_METADATA} metadata"
+    )
+    raise AssertionError
 
 
 async def _invalid(context: grpc.aio.ServicerContext, field: str, problem: str) -> None:
