@@ -109,7 +109,12 @@ async def pending_approvals(execution: WorkflowExecution) -> list[pb.ApprovalReq
     return [approval_requested(a) for a in approvals if not a["decision"]]
 
 
-async def to_run(execution: WorkflowExecution, finished: Outcome | None = None) -> pb.Run:
+async def to_run(
+    execution: WorkflowExecution,
+    finished: Outcome | None = None,
+    pending: list[pb.ApprovalRequested] | None = None,
+) -> pb.Run:
+    """The run as the API shows it; ``pending`` overrides the memo's (possibly older) pending approvals."""
     memo = await execution.memo()
     run = pb.Run(
         run_id=execution.id,
@@ -121,7 +126,9 @@ async def to_run(execution: WorkflowExecution, finished: Outcome | None = None) 
     approvals = memo.get(MEMO_APPROVALS, [])
     run.decided_approvals.extend(approval_decided(a) for a in approvals if a["decision"])
     if not is_finished(execution):
-        run.pending_approvals.extend(approval_requested(a) for a in approvals if not a["decision"])
+        if pending is None:
+            pending = [approval_requested(a) for a in approvals if not a["decision"]]
+        run.pending_approvals.extend(pending)
         if run.pending_approvals:
             run.state = pb.RUN_STATE_WAITING_FOR_APPROVAL
     if execution.close_time is not None:

@@ -27,7 +27,7 @@ from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 from worker.agents import AgentConfig, load_agents
 from worker.conversations import ConversationStore
-from worker.run_stream import is_terminal, read_next, read_range
+from worker.run_stream import is_terminal, pending_approvals, read_next, read_range, stream_exists
 from worker.settings import Settings, connect_redis, connect_temporal, stop_on_signals
 from worker.workflows import MEMO_AGENT, MEMO_CONVERSATION, AgentRunWorkflow, ApprovalDecision, RunInput
 
@@ -154,8 +154,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if after > 0:
             # A client that reconnects gets the approval requests still waiting for
             # an answer again, even those it saw before it went away.
-            execution = await self._describe(context, run_id)
-            for approval in await _runs.pending_approvals(execution):
+            for approval in await self._pending_approvals(context, run_id):
                 if approval.sequence <= after:
                     yield pb.StreamRunResponse(
                         event=pb.RunEvent(sequence=approval.sequence, approval_requested=approval)
@@ -200,6 +199,18 @@ class AgentService(pb_grpc.AgentServiceServicer):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(_runs.handle(self._temporal, run_id).result(follow_runs=False), CLOSE_WAIT_SECONDS)
 
+    async def _pending_approvals(
+        self, context: grpc.aio.ServicerContext, run_id: str, execution: WorkflowExecution | None = None
+    ) -> list[pb.ApprovalRequested]:
+        """Pending approval requests: Redis has them the moment they are published, the memo once Redis lost them."""
+        prefix = self._settings.redis_prefix
+        events = await pending_approvals(self._redis, prefix, run_id)
+        if events or await stream_exists(self._redis, prefix, run_id):
+            for event in events:
+                event.approval_requested.sequence = event.sequence
+            return [event.approval_requested for event in events]
+        return await _runs.pending_approvals(execution or await self._describe(context, run_id))
+
     async def _rebuilt_terminal(self, execution: WorkflowExecution, after: int) -> pb.RunEvent | None:
         """The terminal event from Temporal's record, or None when the caller has already seen it."""
         handle = _runs.handle(self._temporal, execution.id)
@@ -211,10 +222,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
         await _check_id(context, "run_id", request.run_id, required=True)
         execution = await self._describe(context, request.run_id)
-        finished = None
         if _runs.is_finished(execution):
             finished = await _runs.outcome(_runs.handle(self._temporal, execution.id), execution)
-        return pb.GetRunResponse(run=await _runs.to_run(execution, finished))
+            return pb.GetRunResponse(run=await _runs.to_run(execution, finished))
+        pending = await self._pending_approvals(context, execution.id, execution)
+        return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending))
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
         await _check_id(context, "run_id", request.run_id, required=True)

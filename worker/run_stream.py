@@ -6,6 +6,10 @@ and resumable with a plain XREAD after ``<after_sequence>-0``. The entry holds t
 serialized ``agentrun.v1.RunEvent`` without its sequence. The entry of the terminal
 event carries a ``t`` field; once it is there, the stream takes no more events,
 which makes a retried publish of the terminal event harmless.
+
+Beside the stream, a hash maps each approval request still waiting for an answer
+to the sequence of its event. The script that publishes the request or its
+decision updates it, so a reconnecting client never misses a pending request.
 """
 
 from __future__ import annotations
@@ -38,12 +42,21 @@ if ARGV[4] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[4], 1) == 0 then
 end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 local seq = math.max(last, tonumber(ARGV[1]))
-for i = 5, #ARGV do
+-- Then pairs of (marker, payload); a marker "+id" or "-id" adds or removes a pending approval.
+for i = 5, #ARGV, 2 do
   seq = seq + 1
-  if i == #ARGV and ARGV[3] == '1' then
-    redis.call('XADD', KEYS[1], seq .. '-0', 'e', ARGV[i], 't', '1')
+  if i + 1 == #ARGV and ARGV[3] == '1' then
+    redis.call('XADD', KEYS[1], seq .. '-0', 'e', ARGV[i + 1], 't', '1')
+    redis.call('DEL', KEYS[3])
   else
-    redis.call('XADD', KEYS[1], seq .. '-0', 'e', ARGV[i])
+    redis.call('XADD', KEYS[1], seq .. '-0', 'e', ARGV[i + 1])
+  end
+  local marker = ARGV[i]
+  if string.sub(marker, 1, 1) == '+' then
+    redis.call('HSET', KEYS[3], string.sub(marker, 2), seq)
+    redis.call('EXPIRE', KEYS[3], ARGV[2])
+  elseif string.sub(marker, 1, 1) == '-' then
+    redis.call('HDEL', KEYS[3], string.sub(marker, 2))
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -58,6 +71,18 @@ def stream_key(prefix: str, run_id: str) -> str:
 
 def _once_key(prefix: str, run_id: str) -> str:
     return f"{prefix}run:{{{run_id}}}:published"
+
+
+def _pending_key(prefix: str, run_id: str) -> str:
+    return f"{prefix}run:{{{run_id}}}:pending-approvals"
+
+
+def _marker(event: pb.RunEvent) -> str:
+    if event.HasField("approval_requested"):
+        return "+" + event.approval_requested.approval_id
+    if event.HasField("approval_decided"):
+        return "-" + event.approval_decided.approval_id
+    return ""
 
 
 def new_event(**kind: object) -> pb.RunEvent:
@@ -95,10 +120,14 @@ class RunStreamWriter:
         published again.
         """
         terminal = bool(events) and is_terminal(events[-1])
-        payloads = [event.SerializeToString() for event in events]
+        pairs = [part for event in events for part in (_marker(event), event.SerializeToString())]
         last, closed = await self._append(
-            keys=[stream_key(self._prefix, run_id), _once_key(self._prefix, run_id)],
-            args=[floor, self._ttl, "1" if terminal else "0", once, *payloads],
+            keys=[
+                stream_key(self._prefix, run_id),
+                _once_key(self._prefix, run_id),
+                _pending_key(self._prefix, run_id),
+            ],
+            args=[floor, self._ttl, "1" if terminal else "0", once, *pairs],
         )
         return AppendResult(int(last), bool(closed))
 
@@ -132,3 +161,12 @@ async def read_next(
 
 async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:
     return bool(await client.exists(stream_key(prefix, run_id)))
+
+
+async def pending_approvals(client: redis.Redis, prefix: str, run_id: str) -> list[pb.RunEvent]:
+    """The approval_requested events still waiting for an answer, in sequence order."""
+    sequences: Any = await client.hvals(_pending_key(prefix, run_id))
+    events = []
+    for sequence in sorted(int(s) for s in sequences):
+        events += _decode(await client.xrange(stream_key(prefix, run_id), min=f"{sequence}-0", max=f"{sequence}-0"))
+    return events

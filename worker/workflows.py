@@ -150,12 +150,14 @@ class AgentRunWorkflow:
             if reply.output_error:
                 raise _RunFailure(reply.output_error)
         except (ActivityError, asyncio.CancelledError) as err:
-            reason = workflow.cancellation_reason()
-            if reason is not None and is_cancelled_exception(err):
+            if is_cancelled_exception(err):
+                reason = workflow.cancellation_reason()
+                if reason is None:
+                    # The run's own timeout cancelled its work; run() reports that.
+                    raise asyncio.CancelledError() from err
                 await self._finish(input, "run_cancelled", reason=reason)
                 raise
-            if not isinstance(err, ActivityError):
-                raise
+            assert isinstance(err, ActivityError)
             message = _failure_message(err)
             await self._finish(input, "run_failed", error=message)
             raise ApplicationError(message, type="RunFailed", non_retryable=True) from err

@@ -297,9 +297,3 @@ async def test_list_runs_pages_through_this_deployments_runs(stack: Stack) -> No
         await asyncio.sleep(0.1)
     assert {r.run_id for r in seen} == run_ids
     assert all(r.agent == "assistant" for r in seen)
-
-
-async def test_approve_is_not_implemented_yet(stack: Stack) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stack.client.approve("run-x", "approval-1", pb.APPROVAL_DECISION_APPROVE)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
