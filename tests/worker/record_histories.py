@@ -1,8 +1,9 @@
 """Records workflow histories for the replay test: ``python -m tests.worker.record_histories``.
 
-Run it when a new kind of run appears (or the workflow's inputs change shape) and
-commit the files it writes. Never re-record to make a failing replay pass: a
-replay failure means the new workflow code would break runs already in flight.
+It records only the scenarios that have no file yet. Add a scenario when the
+workflow gains a new path, run this, and commit the new file. Never re-record an
+existing file to make a replay pass: a replay failure means the new workflow
+code would break runs already in flight.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
 import redis.asyncio as redis
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
 from agentrun._dev import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
@@ -22,13 +25,69 @@ from worker import offline_model
 from worker.agents import load_agents
 from worker.settings import Settings
 from worker.worker import build_worker
-from worker.workflows import AgentRunWorkflow, RunInput
+from worker.workflows import AgentRunWorkflow, ApprovalDecision, RunInput
 
 HERE = Path(__file__).parent
 AGENTS = load_agents(HERE.parent / "agents.yaml")
 
 
+async def cancel_soon(handle: WorkflowHandle) -> None:
+    await asyncio.sleep(1)
+    await handle.cancel(reason="recorded cancellation")
+
+
+async def approve_first(handle: WorkflowHandle) -> None:
+    for _ in range(100):
+        approvals = (await (await handle.describe()).memo()).get("approvals", [])
+        if approvals:
+            decision = ApprovalDecision(approvals[0]["approval_id"], "approve", "recorder", "fine")
+            try:
+                await handle.execute_update(AgentRunWorkflow.decide_approval, decision)
+                return
+            except WorkflowUpdateFailedError:
+                pass
+        await asyncio.sleep(0.05)
+
+
+def call(name: str, **arguments: object) -> dict:
+    return {"tool_calls": [{"name": name, "arguments": arguments}]}
+
+
+@dataclass
+class Scenario:
+    agent: str
+    steps: list[dict]
+    conversation_id: str = ""
+    act: Callable[[WorkflowHandle], Awaitable[None]] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+SCENARIOS = {
+    # Recorded before tools existed: they keep the single-round path replayable.
+    "completed": Scenario("assistant", [{"text": "A short answer."}]),
+    "retried_then_completed": Scenario(
+        "assistant",
+        [{"text": "one two three four", "disconnect_after_chunks": 2}, {"text": "one two three four"}],
+    ),
+    "failed": Scenario("assistant", [{"error": {"status": 400, "message": "rejected"}}]),
+    "cancelled": Scenario("assistant", [{"text": "slow " * 500, "delay_ms": 20}], act=cancel_soon),
+    # The agent loop.
+    "tools_two_rounds": Scenario("tools", [call("calculator", expression="2+3"), call("nope"), {"text": "It is 5."}]),
+    "approval_approved": Scenario("careful", [call("echo", text="hi"), {"text": "done"}], act=approve_first),
+    "approval_timed_out": Scenario("careful", [call("echo", text="hi"), {"text": "no answer"}]),
+    "approval_failed_run": Scenario("strict", [call("echo", text="hi")]),
+    "max_iterations": Scenario("limited", [call("echo", text="1"), call("echo", text="2")]),
+    "conversation": Scenario("chat", [{"text": "Hello again."}], conversation_id="recorded-conversation"),
+    "run_timed_out": Scenario("hasty", [{"text": "slow " * 200, "delay_ms": 20}]),
+    "structured_output": Scenario("json", [{"text": '{"city": "Oslo", "population": 700000}'}]),
+}
+
+
 async def main() -> None:
+    missing = {name: s for name, s in SCENARIOS.items() if not (HERE / "histories" / f"{name}.json").exists()}
+    if not missing:
+        print("every scenario has a recorded history")
+        return
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_executable(), dev_server_extra_args=TEMPORAL_FAST_DISPATCH
     )
@@ -38,29 +97,21 @@ async def main() -> None:
         settings = Settings(task_queue=f"record-{uuid.uuid4().hex[:8]}", redis_prefix="record:", redis_url=redis_url)
         redis_client = redis.Redis.from_url(redis_url)
         async with openai.AsyncOpenAI(base_url=base_url, api_key="offline", max_retries=0) as llm:
-            worker = build_worker(env.client, settings, redis_client=redis_client, model=llm, agents=AGENTS)
+            worker = build_worker(
+                env.client, settings, redis_client=redis_client, model=llm, agents=AGENTS, sandboxed=True
+            )
             async with worker:
-                scenarios = {
-                    "completed": [{"text": "A short answer."}],
-                    "retried_then_completed": [
-                        {"text": "one two three four", "disconnect_after_chunks": 2},
-                        {"text": "one two three four"},
-                    ],
-                    "failed": [{"error": {"status": 400, "message": "rejected"}}],
-                    "cancelled": [{"text": "slow " * 500, "delay_ms": 20}],
-                }
-                for name, steps in scenarios.items():
-                    model.add_script(name, steps)
+                for name, scenario in missing.items():
+                    model.add_script(name, scenario.steps)
                     run_id = f"record-{name}-{uuid.uuid4().hex[:6]}"
                     handle = await env.client.start_workflow(
                         AgentRunWorkflow.run,
-                        RunInput(run_id, AGENTS["assistant"], f"{name}: go"),
+                        RunInput(run_id, AGENTS[scenario.agent], f"{name}: go", scenario.conversation_id),
                         id=run_id,
                         task_queue=settings.task_queue,
                     )
-                    if name == "cancelled":
-                        await asyncio.sleep(1)
-                        await handle.cancel(reason="recorded cancellation")
+                    if scenario.act is not None:
+                        await scenario.act(handle)
                     try:
                         await handle.result()
                     except WorkflowFailureError:

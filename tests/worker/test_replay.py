@@ -8,13 +8,14 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from tests.worker.record_histories import SCENARIOS
 from worker.workflows import AgentRunWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 
-def test_there_are_histories_to_replay() -> None:
-    assert {p.stem for p in HISTORIES} >= {"completed", "retried_then_completed", "failed", "cancelled"}
+def test_every_scenario_has_a_history() -> None:
+    assert {p.stem for p in HISTORIES} == set(SCENARIOS)
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
