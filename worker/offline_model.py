@@ -31,6 +31,8 @@ FINGERPRINT = "agentrun-offline"
 ARGUMENT_PIECE_CHARS = 8
 
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
+# Arithmetic in a prompt, such as "what is 12 * (3 + 4)?".
+_ARITHMETIC = re.compile(r"[\d.(][\d.\s()+\-*/%]*[+\-*/%][\d.\s()+\-*/%]*[\d.)]")
 
 
 def tokenize(text: str) -> list[str]:
@@ -264,12 +266,25 @@ class OfflineModel:
                 return script
         return None
 
-    def _default_step(self, messages: list[Any]) -> Step:
+    def _default_step(self, messages: list[Any], tools: list[Any]) -> Step:
+        """Without a script: answer a tool result, use the calculator on arithmetic, else echo the user.
+
+        Just enough agent behaviour to show tool calls and approvals in a demo.
+        """
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if last.get("role") == "tool":
+            result = " ".join(_message_texts(last))
+            return Step(chunks=tuple(tokenize(f"The tool answered: {result}")))
         said = ""
         for message in reversed(messages):
             if isinstance(message, dict) and message.get("role") == "user":
                 said = " ".join(_message_texts(message))
                 break
+        offered = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+        arithmetic = _ARITHMETIC.search(said)
+        if "calculator" in offered and arithmetic:
+            expression = json.dumps({"expression": arithmetic.group(0).strip()})
+            return Step(tool_calls=(ToolCallSpec("calculator", expression),))
         return Step(chunks=tuple(tokenize(f"I am the offline model. You said: {said}")))
 
     def _resolve(self, step: Step) -> _Reply:
@@ -316,7 +331,8 @@ class OfflineModel:
             script.requests.append(body)
             step = script.next_step()
         else:
-            step = self._default_step(messages)
+            tools = body.get("tools")
+            step = self._default_step(messages, tools if isinstance(tools, list) else [])
         if step.error_status is not None:
             return _error_response(step.error_message, step.error_status)
 

@@ -309,3 +309,22 @@ async def test_in_process_scripting_via_runner_app() -> None:
         assert len(model.requests_for("in-process-key")) == 1
     finally:
         await runner.cleanup()
+
+
+async def test_without_a_script_it_uses_the_calculator_when_offered(client: openai.AsyncOpenAI) -> None:
+    calculator = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
+    asked = [{"role": "user", "content": "What is 12 * (3 + 4)?"}]
+
+    call = await client.chat.completions.create(model="offline", messages=asked, tools=[calculator])
+    plain = await client.chat.completions.create(model="offline", messages=asked)
+    answered = await client.chat.completions.create(
+        model="offline",
+        messages=[*asked, {"role": "tool", "tool_call_id": "call_1", "content": "84"}],
+        tools=[calculator],
+    )
+
+    tool_call = call.choices[0].message.tool_calls[0]
+    assert tool_call.function.name == "calculator"
+    assert json.loads(tool_call.function.arguments) == {"expression": "12 * (3 + 4)"}
+    assert plain.choices[0].message.content == "I am the offline model. You said: What is 12 * (3 + 4)?"
+    assert answered.choices[0].message.content == "The tool answered: 84"
