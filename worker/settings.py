@@ -28,6 +28,8 @@ class Settings:
     openai_api_key: str | None = None
     # How long a run's event stream stays in Redis after its last event.
     stream_ttl_seconds: int = 24 * 3600
+    # Modules whose top-level tools the worker registers beside the built-ins.
+    tool_modules: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -42,6 +44,7 @@ class Settings:
             "openai_base_url": env.get("OPENAI_BASE_URL") or None,
             "openai_api_key": env.get("OPENAI_API_KEY") or None,
             "stream_ttl_seconds": int(env.get("AGENTRUN_STREAM_TTL_SECONDS", cls.stream_ttl_seconds)),
+            "tool_modules": tuple(m.strip() for m in env.get("AGENTRUN_TOOL_MODULES", "").split(",") if m.strip()),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

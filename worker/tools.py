@@ -13,8 +13,9 @@ Adding one takes a few lines::
         await mailer.send(to, body, dedupe_key=context.idempotency_key)
         return "sent"
 
-    registry = default_registry()
-    registry.register(send_email)
+The worker loads the module named in ``AGENTRUN_TOOL_MODULES`` (comma-separated)
+and registers every ``Tool`` defined at its top level beside the built-ins; an
+agent then lists ``send_email`` under its ``tools``.
 
 Each call runs as its own activity, so a tool may run more than once for one call: a tool with side effects
 should ask for a ``ToolContext`` and use its ``idempotency_key``. This module stays free of Temporal so tools
@@ -27,6 +28,7 @@ import ast
 import asyncio
 import copy
 import datetime as dt
+import importlib
 import inspect
 import json
 import math
@@ -551,5 +553,12 @@ def builtin_tools() -> list[Tool]:
     return [calculator, current_time, echo, random_number]
 
 
-def default_registry() -> ToolRegistry:
-    return ToolRegistry(builtin_tools())
+def default_registry(modules: Iterable[str] = ()) -> ToolRegistry:
+    """The built-in tools and every Tool defined at the top level of ``modules``."""
+    registry = ToolRegistry(builtin_tools())
+    for name in modules:
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if isinstance(value, Tool) and value not in builtin_tools():
+                registry.register(value)
+    return registry

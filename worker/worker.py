@@ -45,7 +45,7 @@ def build_worker(
     checks still guard the code: the test suite runs its workers sandboxed, and
     the replay tests replay committed histories in the sandbox.
     """
-    tools = tools or default_registry()
+    tools = tools or default_registry(settings.tool_modules)
     for agent in agents.values():
         missing = sorted(set(agent.tools) - set(tools.names()))
         if missing:

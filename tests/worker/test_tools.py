@@ -327,3 +327,9 @@ async def test_echo_and_random_through_the_registry() -> None:
     assert random_number.fn(7, 7) == 7
     with pytest.raises(ValueError, match=r"minimum \(5\) is greater than maximum \(1\)"):
         random_number.fn(5, 1)
+
+
+def test_the_default_registry_adds_the_tools_of_named_modules() -> None:
+    registry = default_registry(["tests.worker.extra_tools"])
+    assert "shout" in registry.names()
+    assert set(registry.names()) >= {"calculator", "current_time", "echo", "random"}
