@@ -4,43 +4,319 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import sys
+import threading
+from datetime import UTC
+from typing import Any, TextIO
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentrun.client import AgentRunClient
 from agentrun.v1 import agent_service_pb2 as pb
 
 DEFAULT_SERVER = os.environ.get("AGENTRUN_SERVER", "127.0.0.1:50051")
 DEMO_PROMPT = "In two sentences: why run an LLM agent as a durable workflow?"
+# Tool results and errors are shown on one line each, cut to this many characters.
+BRIEF_CHARS = 200
 
 
-async def print_stream(client: AgentRunClient, run_id: str, *, after_sequence: int = 0) -> int:
-    """Prints a run's text as it streams; returns the process exit code for how the run ended."""
-    async for event in client.stream_run(run_id, after_sequence=after_sequence):
-        kind = event.WhichOneof("kind")
-        if kind == "text_delta":
-            print(event.text_delta.text, end="", flush=True)
-        elif kind == "run_completed":
-            usage = event.run_completed.usage
-            tokens = f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
-            print(f"\n[run {run_id} completed: {tokens}]")
-            return 0
-        elif kind == "run_failed":
-            print(f"\n[run {run_id} failed: {event.run_failed.error}]", file=sys.stderr)
-            return 1
-        elif kind == "run_cancelled":
-            reason = event.run_cancelled.reason
-            print(f"\n[run {run_id} cancelled{': ' + reason if reason else ''}]", file=sys.stderr)
-            return 1
+def default_approver() -> str:
+    return os.environ.get("USER") or "cli"
+
+
+class _Output:
+    """Writes the streamed text to stdout, starting every event line on a line of its own."""
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+
+    def text(self, text: str) -> None:
+        if text:
+            print(text, end="", flush=True)
+            self.at_line_start = text.endswith("\n")
+
+    def line(self, text: str, *, file: TextIO | None = None) -> None:
+        if not self.at_line_start:
+            print(flush=True)
+        print(text, file=file or sys.stdout, flush=True)
+        self.at_line_start = True
+
+
+class _StdinLines:
+    """The lines of stdin, read on a daemon thread.
+
+    A prompt can be left unanswered when its approval is decided elsewhere and the run ends; a read blocked in
+    asyncio.to_thread(input) would then keep the process alive until Enter. The thread reads the file
+    descriptor, not sys.stdin, so it holds no lock that the interpreter needs at exit.
+    """
+
+    def __init__(self) -> None:
+        self._lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self.closed = False
+        loop = asyncio.get_running_loop()
+
+        def put(line: str | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for the line any more
+                loop.call_soon_threadsafe(self._lines.put_nowait, line)
+
+        def read() -> None:
+            pending = b""
+            while chunk := os.read(sys.stdin.fileno(), 4096):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    put(line.decode(errors="replace").rstrip("\r"))
+            if pending:
+                put(pending.decode(errors="replace"))
+            put(None)
+
+        threading.Thread(target=read, name="stdin", daemon=True).start()
+
+    async def readline(self) -> str | None:
+        """The next line without its line break, or None once stdin is closed."""
+        if self.closed:
+            return None
+        line = await self._lines.get()
+        self.closed = line is None
+        return line
+
+
+class _Prompter:
+    """Asks about each pending approval in turn, while the stream goes on printing events.
+
+    A prompt whose approval is decided meanwhile, by another approver or by its deadline, is withdrawn.
+    """
+
+    def __init__(self, client: AgentRunClient, run_id: str, approver: str, out: _Output, server: str | None) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._approver = approver
+        self._out = out
+        self._server = server
+        self._turn = asyncio.Lock()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._unanswered: set[str] = set()
+        self._stdin: _StdinLines | None = None
+
+    def ask(self, request: pb.ApprovalRequested) -> None:
+        self._unanswered.add(request.approval_id)
+        self._tasks[request.approval_id] = asyncio.create_task(self._ask(request))
+
+    def decided(self, approval_id: str) -> None:
+        if approval_id in self._unanswered:
+            self._unanswered.discard(approval_id)
+            self._tasks[approval_id].cancel()
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _ask(self, request: pb.ApprovalRequested) -> None:
+        async with self._turn:
+            answer = await self._read(f"approve {_call(request.tool_name, request.arguments)}? [y/N/reason] ")
+            self._unanswered.discard(request.approval_id)
+        if answer is None:  # stdin is closed: someone else has to decide
+            self._out.line(_pending(self._run_id, request, self._server))
+            return
+        answer = answer.strip()
+        approve = answer.lower() in ("y", "yes")
+        reason = "" if approve or answer.lower() in ("", "n", "no") else answer
+        try:
+            await self._client.approve(
+                self._run_id,
+                request.approval_id,
+                pb.APPROVAL_DECISION_APPROVE if approve else pb.APPROVAL_DECISION_DENY,
+                reason=reason,
+                approver=self._approver,
+                arguments_sha256=request.arguments_sha256,
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                self._out.line(f"! your answer was not recorded: {err.details()}")
+            else:
+                self._out.line(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+                self._out.line(_pending(self._run_id, request, self._server))
+
+    async def _read(self, prompt: str) -> str | None:
+        if self._stdin is None:
+            self._stdin = _StdinLines()
+        if self._stdin.closed:
+            return None
+        self._out.text(prompt)
+        answer = await self._stdin.readline()
+        if sys.stdin.isatty():
+            self._out.at_line_start = True  # the terminal echoed the Enter
+        else:
+            self._out.text(f"{answer or ''}\n")  # echoed so that a transcript shows the answer
+        return answer
+
+
+async def print_stream(
+    client: AgentRunClient,
+    run_id: str,
+    *,
+    after_sequence: int = 0,
+    prompt: bool | None = None,
+    approver: str | None = None,
+    server: str | None = None,
+) -> int:
+    """Prints a run's text, tool calls and approvals as they stream; returns the exit code for how the run ended.
+
+    With ``prompt`` (by default, when stdin is a terminal) it asks about each pending approval and answers it as
+    ``approver``; otherwise it prints the command that answers it. ``server`` goes into the printed commands.
+    """
+    out = _Output()
+    if prompt is None:
+        prompt = sys.stdin.isatty()
+    prompter = _Prompter(client, run_id, approver or default_approver(), out, server) if prompt else None
+    # A resumed stream repeats the pending approval requests.
+    requested: set[str] = set()
+    try:
+        async for event in client.stream_run(run_id, after_sequence=after_sequence):
+            kind = event.WhichOneof("kind")
+            if kind == "text_delta":
+                out.text(event.text_delta.text)
+            elif kind == "tool_call_started":
+                started = event.tool_call_started
+                out.line(f"→ {_call(started.tool_name, _brief(started.arguments))}")
+            elif kind == "tool_call_finished":
+                out.line(_finished(event.tool_call_finished))
+            elif kind == "approval_requested":
+                request = event.approval_requested
+                if request.approval_id in requested:
+                    continue
+                requested.add(request.approval_id)
+                if prompter is not None:
+                    prompter.ask(request)
+                else:
+                    out.line(_pending(run_id, request, server))
+            elif kind == "approval_decided":
+                if prompter is not None:
+                    prompter.decided(event.approval_decided.approval_id)
+                out.line(_decided(event.approval_decided))
+            elif kind == "run_completed":
+                out.line(f"[run {run_id} completed: {_usage(event.run_completed.usage)}]")
+                return 0
+            elif kind == "run_failed":
+                out.line(f"[run {run_id} failed: {event.run_failed.error}]", file=sys.stderr)
+                return 1
+            elif kind == "run_cancelled":
+                reason = event.run_cancelled.reason
+                out.line(f"[run {run_id} cancelled{': ' + reason if reason else ''}]", file=sys.stderr)
+                return 1
+    finally:
+        if prompter is not None:
+            await prompter.close()
     return 1
 
 
+def _brief(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= BRIEF_CHARS else line[: BRIEF_CHARS - 1] + "…"
+
+
+def _call(tool_name: str, arguments: str) -> str:
+    return f"{tool_name}({arguments})"
+
+
+def _usage(usage: pb.Usage) -> str:
+    return f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
+
+
+def _time(timestamp: Timestamp) -> str:
+    return f"{timestamp.ToDatetime(UTC).astimezone():%Y-%m-%d %H:%M:%S %Z}"
+
+
+def _finished(finished: pb.ToolCallFinished) -> str:
+    if finished.status == pb.TOOL_CALL_STATUS_COMPLETED:
+        return f"← {_brief(finished.result)}"
+    if finished.status == pb.TOOL_CALL_STATUS_DENIED:
+        return f"⊘ denied: {_brief(finished.error)}"
+    return f"✗ {_brief(finished.error)}"
+
+
+def _decided(decided: pb.ApprovalDecided) -> str:
+    return _decision(decided.decision, decided.approver, decided.reason, timed_out=decided.timed_out)
+
+
+def _decision(decision: pb.ApprovalDecision.ValueType, approver: str, reason: str, *, timed_out: bool = False) -> str:
+    mark, verb = ("✓", "approved") if decision == pb.APPROVAL_DECISION_APPROVE else ("⊘", "denied")
+    line = f"{mark} timed out, {verb}" if timed_out else f"{mark} {verb} by {approver}"
+    return f"{line}: {reason}" if reason else line
+
+
+def _approve_command(run_id: str, approval_id: str, server: str | None) -> str:
+    address = f" --server {server}" if server and server != DEFAULT_SERVER else ""
+    return f"agentrun approve {run_id} {approval_id}{address}"
+
+
+def _pending(run_id: str, request: pb.ApprovalRequested, server: str | None) -> str:
+    command = _approve_command(run_id, request.approval_id, server)
+    return "\n".join(
+        [
+            f"⏸ {_call(request.tool_name, request.arguments)} waits for approval until {_time(request.deadline)}",
+            f"  approve: {command}",
+            f"  deny:    {command} --deny --reason '...'",
+        ]
+    )
+
+
+def _summary(run: pb.Run, server: str | None) -> str:
+    lines = [
+        f"run:      {run.run_id}",
+        f"agent:    {run.agent}",
+        f"state:    {_state(run.state)}",
+        f"created:  {_time(run.create_time)}",
+    ]
+    if run.HasField("end_time"):
+        lines.append(f"ended:    {_time(run.end_time)}")
+    if run.conversation_id:
+        lines.append(f"conversation: {run.conversation_id}")
+    if run.error:
+        lines.append(f"error:    {run.error}")
+    if run.HasField("usage"):
+        lines.append(f"usage:    {_usage(run.usage)} ({run.usage.total_tokens} total)")
+    if run.pending_approvals:
+        lines.append("pending approvals:")
+        for request in run.pending_approvals:
+            lines.append(f"  {request.approval_id}")
+            lines += [f"    {line}" for line in _pending(run.run_id, request, server).splitlines()]
+    if run.decided_approvals:
+        lines.append("decided approvals:")
+        for decided in run.decided_approvals:
+            lines.append(f"  {decided.approval_id}  {decided.tool_name}  {_decided(decided)}")
+    if run.output:
+        lines += ["output:", run.output]
+    if run.HasField("structured_output"):
+        structured = _whole_numbers(json_format.MessageToDict(run.structured_output))
+        # A Struct keeps no key order, so sorting makes the output stable.
+        lines += ["structured output:", json.dumps(structured, indent=2, sort_keys=True, ensure_ascii=False)]
+    return "\n".join(lines)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """A protobuf Value holds every number as a double; whole ones read better without the ".0"."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
+
+
+def _state(state: pb.RunState.ValueType) -> str:
+    return pb.RunState.Name(state).removeprefix("RUN_STATE_").lower()
+
+
 def _describe(run: pb.Run) -> str:
-    state = pb.RunState.Name(run.state).removeprefix("RUN_STATE_").lower()
-    line = f"{run.run_id}  {run.agent:<12} {state:<10} {run.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}"
+    line = f"{run.run_id}  {run.agent:<12} {_state(run.state):<10} {run.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}"
     return line
 
 
@@ -51,12 +327,25 @@ async def _client_command(args: argparse.Namespace) -> int:
                 args.agent, args.prompt, conversation_id=args.conversation or "", request_id=args.request_id or ""
             )
             print(f"[run {run_id}]", file=sys.stderr)
-            return await print_stream(client, run_id)
+            return await print_stream(client, run_id, prompt=args.ask, approver=args.approver, server=args.server)
         if args.command == "stream":
-            return await print_stream(client, args.run_id, after_sequence=args.after)
+            return await print_stream(
+                client,
+                args.run_id,
+                after_sequence=args.after,
+                prompt=args.ask,
+                approver=args.approver,
+                server=args.server,
+            )
+        if args.command == "approve":
+            decision = pb.APPROVAL_DECISION_DENY if args.deny else pb.APPROVAL_DECISION_APPROVE
+            recorded = await client.approve(
+                args.run_id, args.approval_id, decision, reason=args.reason, approver=args.approver
+            )
+            print(_decision(recorded.decision, recorded.approver, recorded.reason))
+            return 0
         if args.command == "get":
-            run = await client.get_run(args.run_id)
-            print(run)
+            print(_summary(await client.get_run(args.run_id), args.server))
             return 0
         if args.command == "list":
             page = await client.list_runs(page_size=args.limit)
@@ -89,14 +378,34 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--server", default=DEFAULT_SERVER, help="address of an agentrun server (AGENTRUN_SERVER)")
         return sub
 
-    run = client_command("run", "start a run and stream its answer")
+    def approver_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--approver", default=default_approver(), help="who decides approvals (default: $USER)")
+
+    def streaming_command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = client_command(name, help)
+        approver_option(sub)
+        sub.add_argument(
+            "--prompt",
+            dest="ask",
+            action=argparse.BooleanOptionalAction,
+            help="ask about each approval on stdin (default: when stdin is a terminal)",
+        )
+        return sub
+
+    run = streaming_command("run", "start a run and stream its answer")
     run.add_argument("agent")
     run.add_argument("prompt")
     run.add_argument("--conversation", help="conversation id")
     run.add_argument("--request-id", help="idempotency key: the same key returns the same run")
-    stream = client_command("stream", "stream an existing run")
+    stream = streaming_command("stream", "stream an existing run")
     stream.add_argument("run_id")
     stream.add_argument("--after", type=int, default=0, help="resume after this sequence number")
+    approve = client_command("approve", "approve or deny a pending approval")
+    approve.add_argument("run_id")
+    approve.add_argument("approval_id")
+    approve.add_argument("--deny", action="store_true", help="deny instead of approve")
+    approve.add_argument("--reason", default="", help="why; a denial's reason is shown to the model")
+    approver_option(approve)
     get = client_command("get", "show a run")
     get.add_argument("run_id")
     listing = client_command("list", "list recent runs")

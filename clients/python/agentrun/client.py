@@ -14,6 +14,8 @@ from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 # away, not the request.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
+# Until the server authenticates callers, Approve takes the approver's identity from this metadata key.
+APPROVER_METADATA = "x-agentrun-approver"
 
 
 class RunFailed(Exception):
@@ -61,7 +63,9 @@ class AgentRunClient:
                     pb.StreamRunRequest(run_id=run_id, after_sequence=after_sequence)
                 ):
                     event = response.event
-                    after_sequence = event.sequence
+                    # A resumed stream first repeats the pending approval requests with their old sequence
+                    # numbers; resuming from those again would repeat the events in between.
+                    after_sequence = max(after_sequence, event.sequence)
                     reconnects = 0
                     yield event
                     if event.WhichOneof("kind") in TERMINAL_KINDS:
@@ -93,8 +97,20 @@ class AgentRunClient:
         return await self.stub.ListRuns(pb.ListRunsRequest(page_size=page_size, page_token=page_token))
 
     async def approve(
-        self, run_id: str, approval_id: str, decision: pb.ApprovalDecision.ValueType, *, reason: str = ""
+        self,
+        run_id: str,
+        approval_id: str,
+        decision: pb.ApprovalDecision.ValueType,
+        *,
+        reason: str = "",
+        approver: str,
+        arguments_sha256: str = "",
     ) -> pb.ApproveResponse:
-        return await self.stub.Approve(
-            pb.ApproveRequest(run_id=run_id, approval_id=approval_id, decision=decision, reason=reason)
+        """Answers a pending approval as ``approver`` and returns the decision the run recorded.
+
+        Pass the request's ``arguments_sha256`` to make sure the decision applies to exactly the arguments shown.
+        """
+        request = pb.ApproveRequest(
+            run_id=run_id, approval_id=approval_id, decision=decision, reason=reason, arguments_sha256=arguments_sha256
         )
+        return await self.stub.Approve(request, metadata=((APPROVER_METADATA, approver),))
