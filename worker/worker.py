@@ -12,7 +12,7 @@ import openai
 import redis.asyncio as redis
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from worker.activities import HEARTBEAT_INTERVAL_SECONDS, RunActivities
 from worker.agents import AgentConfig, AgentConfigError, load_agents
@@ -23,6 +23,14 @@ from worker.tools import ToolRegistry, default_registry
 from worker.workflows import AgentRunWorkflow
 
 log = logging.getLogger("agentrun.worker")
+
+# The workflow module imports the activities' dataclasses, which pull in these
+# libraries; the workflow never calls them, so the sandbox need not re-import them.
+_SANDBOXED = SandboxedWorkflowRunner(
+    restrictions=SandboxRestrictions.default.with_passthrough_modules(
+        "agentrun", "google.protobuf", "jsonschema", "openai", "redis", "opentelemetry"
+    )
+)
 
 OFFLINE_TOKEN_DELAY_SECONDS = 0.03
 
@@ -64,7 +72,7 @@ def build_worker(
         client,
         task_queue=settings.task_queue,
         workflows=[AgentRunWorkflow],
-        workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),
+        workflow_runner=_SANDBOXED if sandboxed else UnsandboxedWorkflowRunner(),
         activities=[
             activities.call_model,
             activities.run_tool,
