@@ -74,6 +74,7 @@ def settings(temporal_env: WorkflowEnvironment, redis_url: str, model: Model) ->
         agents_file=str(AGENTS_FILE),
         openai_base_url=model.base_url,
         openai_api_key="offline",
+        tool_modules=("tests.worker.extra_tools",),
     )
 
 

@@ -38,6 +38,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "AGENTRUN_AGENTS_FILE": settings.agents_file,
         "OPENAI_BASE_URL": settings.openai_base_url or "",
         "OPENAI_API_KEY": settings.openai_api_key or "",
+        "AGENTRUN_TOOL_MODULES": ",".join(settings.tool_modules),
     }
 
 

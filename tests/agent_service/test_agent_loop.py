@@ -75,7 +75,14 @@ async def test_a_multi_round_tool_run(stack: Stack) -> None:
     # Each round sees the calls and results of the rounds before it.
     assert tool_messages(requests[1]) == [{"role": "tool", "tool_call_id": started[0].call_id, "content": "5"}]
     assert [m["content"] for m in tool_messages(requests[2])] == ["5", "five"]
-    assert {t["function"]["name"] for t in requests[0]["tools"]} == {"calculator", "echo", "current_time", "random"}
+    assert {t["function"]["name"] for t in requests[0]["tools"]} == {
+        "calculator",
+        "echo",
+        "current_time",
+        "random",
+        "nap",
+        "idempotency_key",
+    }
 
 
 async def test_parallel_tool_calls_run_concurrently_and_answer_in_order(stack: Stack) -> None:
@@ -412,3 +419,25 @@ async def test_sampling_settings_reach_the_model(stack: Stack) -> None:
     assert request["max_completion_tokens"] == 64
     assert "temperature" not in request
     assert not await asyncio.sleep(0)
+
+
+async def test_a_tool_gets_an_idempotency_key_named_after_the_run_and_call(stack: Stack) -> None:
+    key = stack.model.script(calls(("idempotency_key", {})), {"text": "ok"})
+    run_id = await stack.client.start_run("tools", key)
+
+    events = await collect(stack, run_id)
+
+    finished = next(e.tool_call_finished for e in events if e.HasField("tool_call_finished"))
+    assert finished.result == f"{run_id}:{finished.call_id}"
+
+
+async def test_cancel_during_a_tool_call_stops_the_run_promptly(stack: Stack) -> None:
+    key = stack.model.script(calls(("nap", {"seconds": 60})), {"text": "never"})
+    run_id = await stack.client.start_run("tools", key)
+    _, started = await until(stack, run_id, "tool_call_started")
+
+    await stack.client.cancel_run(run_id, reason="too slow")
+    events = await collect(stack, run_id, after=started.sequence)
+
+    assert kinds(events) == ["run_cancelled"]
+    await wait_for_state(stack, run_id, pb.RUN_STATE_CANCELLED)

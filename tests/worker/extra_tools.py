@@ -1,9 +1,24 @@
-"""A tool module for the registry test, as a deployment would write one."""
+"""Tools that only the tests register, as a deployment would write its own (AGENTRUN_TOOL_MODULES)."""
 
-from worker.tools import tool
+import asyncio
+
+from worker.tools import ToolContext, tool
 
 
 @tool
 def shout(text: str) -> str:
     """Returns the text in capitals."""
     return text.upper()
+
+
+@tool
+async def nap(seconds: float) -> str:
+    """Sleeps, to stand for a slow tool."""
+    await asyncio.sleep(seconds)
+    return f"slept {seconds} s"
+
+
+@tool
+def idempotency_key(context: ToolContext) -> str:
+    """Returns the idempotency key the tool was given."""
+    return context.idempotency_key

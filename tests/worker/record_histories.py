@@ -94,7 +94,12 @@ async def main() -> None:
     runner, base_url = await offline_model.serve()
     model = runner.app[offline_model.MODEL_KEY]
     async with redis_server(os.environ.get("REDIS_URL")) as redis_url:
-        settings = Settings(task_queue=f"record-{uuid.uuid4().hex[:8]}", redis_prefix="record:", redis_url=redis_url)
+        settings = Settings(
+            task_queue=f"record-{uuid.uuid4().hex[:8]}",
+            redis_prefix="record:",
+            redis_url=redis_url,
+            tool_modules=("tests.worker.extra_tools",),
+        )
         redis_client = redis.Redis.from_url(redis_url)
         async with openai.AsyncOpenAI(base_url=base_url, api_key="offline", max_retries=0) as llm:
             worker = build_worker(
