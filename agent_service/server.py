@@ -160,18 +160,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
                         event=pb.RunEvent(sequence=approval.sequence, approval_requested=approval)
                     )
         events = await read_range(self._redis, prefix, run_id, after)
-        if not events:
-            # Nothing new in Redis: the run may be unknown, just starting, or its
-            # stream may be gone. Temporal knows which.
-            execution = await self._describe(context, run_id)
-            if _runs.is_finished(execution):
-                events = await read_range(self._redis, prefix, run_id, after)
-                if not events:
-                    event = await self._rebuilt_terminal(execution, after)
-                    if event is not None:
-                        yield pb.StreamRunResponse(event=event)
-                    return
         while True:
+            if not events:
+                # Nothing new in Redis: the run may be unknown, just starting,
+                # waiting, or its stream may be gone. Temporal knows which.
+                remaining = await self._remaining_if_finished(context, run_id, after)
+                if remaining is None:
+                    events = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
+                    continue
+                if not remaining:
+                    return
+                events = remaining
             for event in events:
                 if is_terminal(event):
                     await self._until_closed(run_id)
@@ -180,15 +179,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 if is_terminal(event):
                     return
             events = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
-            if not events:
-                execution = await self._describe(context, run_id)
-                if _runs.is_finished(execution):
-                    events = await read_range(self._redis, prefix, run_id, after)
-                    if not any(is_terminal(e) for e in events):
-                        terminal = await self._rebuilt_terminal(execution, after)
-                        events += [terminal] if terminal is not None else []
-                        if not events:
-                            return
+
+    async def _remaining_if_finished(
+        self, context: grpc.aio.ServicerContext, run_id: str, after: int
+    ) -> list[pb.RunEvent] | None:
+        """None while the run goes on; once it has ended, the events left to send, ending with its terminal
+        event, which is rebuilt from Temporal's record when Redis no longer has it."""
+        execution = await self._describe(context, run_id)
+        if not _runs.is_finished(execution):
+            return None
+        events = await read_range(self._redis, self._settings.redis_prefix, run_id, after)
+        if not any(is_terminal(e) for e in events):
+            terminal = await self._rebuilt_terminal(execution, after if not events else events[-1].sequence)
+            events += [terminal] if terminal is not None else []
+        return events
 
     async def _until_closed(self, run_id: str) -> None:
         """Waits briefly for Temporal to record the end that the terminal event announces.
