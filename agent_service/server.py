@@ -234,6 +234,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
         await _check_id(context, "run_id", request.run_id, required=True)
+        if len(request.reason) > MAX_REASON_LENGTH:
+            await _invalid(context, "reason", f"must be at most {MAX_REASON_LENGTH} characters")
         execution = await self._describe(context, request.run_id)
         if _runs.is_finished(execution):
             finished = await _runs.outcome(_runs.handle(self._temporal, execution.id), execution)

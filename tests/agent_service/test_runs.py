@@ -166,6 +166,7 @@ async def test_run_requests_reject_bad_fields(stack: Stack) -> None:
     cases = [
         (stack.client.get_run(""), "run_id:"),
         (stack.client.cancel_run("bad id!"), "run_id:"),
+        (stack.client.cancel_run("run-x", reason="x" * 2001), "reason:"),
         (collect(stack, "run-x", after=-1), "after_sequence:"),
         (stack.client.list_runs(page_size=-1), "page_size:"),
         (stack.client.list_runs(page_size=1001), "page_size:"),
