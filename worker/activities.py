@@ -80,6 +80,8 @@ class CallModelInput:
     conversation_id: str = ""
     # The last round the agent may take: the model is told to answer without tools.
     final_round: bool = False
+    # The agents from the run's root to the one calling, stamped on every event.
+    agent_path: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class PublishInput:
     structured_output: Any = None
     # The run's conversation, released for the next run once the run has ended.
     conversation_id: str = ""
+    agent_path: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -135,6 +138,7 @@ class PublishEventsInput:
     after_sequence: int
     events: list[dict[str, Any]]
     once: str
+    agent_path: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +150,7 @@ class RunToolInput:
     name: str
     arguments: str
     after_sequence: int
+    agent_path: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -176,9 +181,10 @@ class _Publisher:
     and a slow one is never held back.
     """
 
-    def __init__(self, writer: RunStreamWriter, run_id: str, after_sequence: int) -> None:
+    def __init__(self, writer: RunStreamWriter, run_id: str, after_sequence: int, agent_path: list[str]) -> None:
         self._writer = writer
         self._run_id = run_id
+        self._agent_path = agent_path
         self.last_sequence = after_sequence
         self.closed = False
         self._pending: list[pb.RunEvent] = []
@@ -198,7 +204,9 @@ class _Publisher:
             self._wake.clear()
             if self._pending:
                 batch, self._pending = self._pending, []
-                result = await self._writer.append(self._run_id, batch, floor=self.last_sequence)
+                result = await self._writer.append(
+                    self._run_id, batch, floor=self.last_sequence, agent_path=self._agent_path
+                )
                 self.last_sequence, self.closed = result.last_sequence, result.closed
             if self._done and not self._pending:
                 return
@@ -291,7 +299,7 @@ class RunActivities:
             earlier = await self._stream.read_after(input.run_id, input.after_sequence)
             already_sent = "".join(e.text_delta.text for e in earlier if e.HasField("text_delta"))
         offer_tools = bool(agent.tools) and not input.final_round
-        publisher = _Publisher(self._stream, input.run_id, input.after_sequence)
+        publisher = _Publisher(self._stream, input.run_id, input.after_sequence, input.agent_path)
         text: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         usage = Usage()
@@ -353,7 +361,11 @@ class RunActivities:
                 for c in reply.tool_calls
             ]
             result = await self._stream.append(
-                input.run_id, started, floor=reply.last_sequence, once=f"started:{input.round}"
+                input.run_id,
+                started,
+                floor=reply.last_sequence,
+                agent_path=input.agent_path,
+                once=f"started:{input.round}",
             )
             reply.last_sequence = result.last_sequence
         elif agent.output_schema is not None:
@@ -412,6 +424,7 @@ class RunActivities:
             input.run_id,
             [new_event(tool_call_finished=finished)],
             floor=input.after_sequence,
+            agent_path=input.agent_path,
             once=f"finished:{input.call_id}",
         )
         outcome.last_sequence = published.last_sequence
@@ -425,7 +438,9 @@ class RunActivities:
             event = json_format.ParseDict(spec, pb.RunEvent())
             event.time.GetCurrentTime()
             events.append(event)
-        result = await self._stream.append(input.run_id, events, floor=input.after_sequence, once=input.once)
+        result = await self._stream.append(
+            input.run_id, events, floor=input.after_sequence, agent_path=input.agent_path, once=input.once
+        )
         return result.last_sequence
 
     @activity.defn
@@ -442,7 +457,9 @@ class RunActivities:
             event = new_event(run_cancelled=pb.RunCancelled(reason=input.reason))
         else:
             raise ApplicationError(f"unknown terminal event kind {input.kind!r}", non_retryable=True)
-        result = await self._stream.append(input.run_id, [event], floor=input.after_sequence)
+        result = await self._stream.append(
+            input.run_id, [event], floor=input.after_sequence, agent_path=input.agent_path
+        )
         if input.conversation_id:
             await self._conversations.release_active_run(input.conversation_id, input.run_id)
         return result.last_sequence

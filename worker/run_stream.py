@@ -14,6 +14,7 @@ decision updates it, so a reconnecting client never misses a pending request.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +114,22 @@ class RunStreamWriter:
         self._ttl = ttl_seconds
         self._append = client.register_script(_APPEND)
 
-    async def append(self, run_id: str, events: list[pb.RunEvent], *, floor: int, once: str = "") -> AppendResult:
-        """Appends ``events`` in order; a terminal event may only come last.
+    async def append(
+        self,
+        run_id: str,
+        events: list[pb.RunEvent],
+        *,
+        floor: int,
+        agent_path: Sequence[str] = (),
+        once: str = "",
+    ) -> AppendResult:
+        """Appends ``events`` in order, stamped with the agent that emitted them; a terminal event may only come last.
 
         With ``once``, a batch published before under the same key is not
         published again.
         """
+        for event in events:
+            event.agent_path[:] = agent_path
         terminal = bool(events) and is_terminal(events[-1])
         pairs = [part for event in events for part in (_marker(event), event.SerializeToString())]
         last, closed = await self._append(

@@ -100,6 +100,8 @@ class _RunFailure(Exception):
 @workflow.defn
 class AgentRunWorkflow:
     def __init__(self) -> None:
+        # The agents from the root of the run to this one; sub-agents will extend it.
+        self._agent_path: list[str] = []
         self._approvals: dict[str, Approval] = {}
         self._last_sequence = 0
         self._batches = 0
@@ -118,6 +120,7 @@ class AgentRunWorkflow:
 
     async def _run(self, input: RunInput) -> RunResult:
         agent = input.agent
+        self._agent_path = [agent.name]
         messages: list[dict[str, Any]] = [{"role": "user", "content": input.input}]
         usage = Usage()
         try:
@@ -133,6 +136,7 @@ class AgentRunWorkflow:
                         round=round,
                         conversation_id=input.conversation_id,
                         final_round=final and bool(agent.tools),
+                        agent_path=self._agent_path,
                     ),
                     start_to_close_timeout=MODEL_CALL_TIMEOUT,
                     heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
@@ -183,7 +187,14 @@ class AgentRunWorkflow:
                 return await self._end_call(call, "denied", f"the call was denied by {approval.approver}{because}")
         outcome: ToolOutcome = await workflow.execute_activity_method(
             RunActivities.run_tool,
-            RunToolInput(input.run_id, call.call_id, call.name, call.arguments, after_sequence=self._last_sequence),
+            RunToolInput(
+                input.run_id,
+                call.call_id,
+                call.name,
+                call.arguments,
+                after_sequence=self._last_sequence,
+                agent_path=self._agent_path,
+            ),
             start_to_close_timeout=TOOL_TIMEOUT,
             heartbeat_timeout=TOOL_HEARTBEAT_TIMEOUT,
             retry_policy=TOOL_RETRY,
@@ -270,7 +281,11 @@ class AgentRunWorkflow:
             RunActivities.publish_events,
             # The workflow id is the run id.
             PublishEventsInput(
-                workflow.info().workflow_id, self._last_sequence, [event], once=f"workflow:{self._batches}"
+                workflow.info().workflow_id,
+                self._last_sequence,
+                [event],
+                once=f"workflow:{self._batches}",
+                agent_path=self._agent_path,
             ),
             schedule_to_close_timeout=PUBLISH_TIMEOUT,
         )
@@ -283,7 +298,14 @@ class AgentRunWorkflow:
         Temporal stays the truth when Redis fails: the run still ends, and the
         server rebuilds the event from the workflow's result.
         """
-        event = PublishInput(input.run_id, self._last_sequence, kind, conversation_id=input.conversation_id, **fields)
+        event = PublishInput(
+            input.run_id,
+            self._last_sequence,
+            kind,
+            conversation_id=input.conversation_id,
+            agent_path=self._agent_path,
+            **fields,
+        )
         sequence = event.after_sequence + 1
         try:
             sequence = await workflow.execute_local_activity_method(

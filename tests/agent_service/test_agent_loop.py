@@ -61,6 +61,7 @@ async def test_a_multi_round_tool_run(stack: Stack) -> None:
     started = [e.tool_call_started for e in events if e.HasField("tool_call_started")]
     finished = [e.tool_call_finished for e in events if e.HasField("tool_call_finished")]
     assert [s.tool_name for s in started] == ["calculator", "echo"]
+    assert {tuple(e.agent_path) for e in events} == {("tools",)}
     assert json.loads(started[0].arguments) == {"expression": "2 + 3"}
     assert [(f.call_id, f.status, f.result) for f in finished] == [
         (started[0].call_id, pb.TOOL_CALL_STATUS_COMPLETED, "5"),

@@ -51,6 +51,7 @@ async def test_stream_is_complete_ordered_and_ends_with_the_result(stack: Stack)
     assert done.usage.prompt_tokens > 0
     assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
     assert all(e.time.seconds > 0 for e in events)
+    assert all(list(e.agent_path) == ["assistant"] for e in events)
     # The model saw the agent's system prompt and the user's input.
     sent = stack.model.server.requests_for(key)[0]["messages"]
     assert sent == [
