@@ -102,7 +102,8 @@ def approval_decided(approval: dict[str, Any]) -> pb.ApprovalDecided:
     )
 
 
-async def pending_approvals(execution: WorkflowExecution) -> list[pb.ApprovalRequested]:
+async def memo_pending_approvals(execution: WorkflowExecution) -> list[pb.ApprovalRequested]:
+    """Pending approvals as the workflow's memo records them (Redis has them sooner; see the server)."""
     if is_finished(execution):
         return []
     approvals = (await execution.memo()).get(MEMO_APPROVALS, [])

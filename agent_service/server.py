@@ -213,7 +213,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             for event in events:
                 event.approval_requested.sequence = event.sequence
             return [event.approval_requested for event in events]
-        return await _runs.pending_approvals(execution or await self._describe(context, run_id))
+        return await _runs.memo_pending_approvals(execution or await self._describe(context, run_id))
 
     async def _rebuilt_terminal(self, execution: WorkflowExecution, after: int) -> pb.RunEvent | None:
         """The terminal event from Temporal's record, or None when the caller has already seen it."""
