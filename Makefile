@@ -5,10 +5,11 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: dev test check stubs bench
 
-$(INSTALLED): pyproject.toml
+# Two distributions: the client (clients/python) and the service (here), which depends on it.
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
 # The whole dev stack (Temporal, Redis or embedded Valkey, model, worker, server) and a live streaming run.
@@ -24,8 +25,8 @@ check: $(INSTALLED)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
 	$(PYTHON) clients/python/generate.py
-	@git diff --exit-code -- clients/python || (echo "generated stubs are out of date: run make stubs and commit" && exit 1)
-	@test -z "$$(git status --porcelain -- clients/python)" || (echo "untracked generated files: run make stubs and commit" && exit 1)
+	@git diff --exit-code -- clients/python/agentrun/v1 || (echo "generated stubs are out of date: run make stubs and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- clients/python/agentrun/v1)" || (echo "untracked generated files: run make stubs and commit" && exit 1)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -23,13 +23,26 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from agent_service import _runs
+from agent_service._errors import ApiError, Context, ErrorMapping, invalid
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
-from worker.agents import AgentConfig, load_agents
-from worker.conversations import ConversationStore
-from worker.run_stream import is_terminal, pending_approvals, read_next, read_range, stream_exists
-from worker.settings import Settings, connect_redis, connect_temporal, stop_on_signals
-from worker.workflows import MEMO_AGENT, MEMO_CONVERSATION, AgentRunWorkflow, ApprovalDecision, RunInput
+from shared import events
+from shared.agents import AgentConfig, load_agents
+from shared.contract import (
+    DECIDE_APPROVAL_UPDATE,
+    MEMO_AGENT,
+    MEMO_CONVERSATION,
+    WORKFLOW_NAME,
+    Approval,
+    ApprovalAnswer,
+    Decision,
+    ErrorType,
+    RunInput,
+)
+from shared.conversations import ConversationStore
+from shared.events import is_terminal
+from shared.run_stream import pending_approvals, read_next, read_range, stream_exists
+from shared.settings import Settings, connect_redis, connect_temporal, stop_on_signals
 
 log = logging.getLogger("agentrun.server")
 
@@ -47,10 +60,9 @@ CLOSE_WAIT_SECONDS = 5.0
 RUN_TIMEOUT_GRACE_SECONDS = 60
 MAX_REASON_LENGTH = 2000
 APPROVER_METADATA = "x-agentrun-approver"
-_DECISIONS = {pb.APPROVAL_DECISION_APPROVE: "approve", pb.APPROVAL_DECISION_DENY: "deny"}
 _APPROVAL_ERRORS = {
-    "ApprovalNotFound": grpc.StatusCode.NOT_FOUND,
-    "ApprovalConflict": grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorType.APPROVAL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
@@ -64,19 +76,18 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self._agents = agents
         self._conversations = ConversationStore(redis_client, settings.redis_prefix)
 
-    async def StartRun(self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext) -> pb.StartRunResponse:
+    async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         if not request.agent:
-            await _invalid(context, "agent", "must name a configured agent")
+            raise invalid("agent", "must name a configured agent")
         if not request.input.strip():
-            await _invalid(context, "input", "must not be empty")
+            raise invalid("input", "must not be empty")
         if len(request.input.encode()) > MAX_INPUT_BYTES:
-            await _invalid(context, "input", f"must be at most {MAX_INPUT_BYTES} bytes")
-        await _check_id(context, "conversation_id", request.conversation_id, required=False)
-        await _check_id(context, "request_id", request.request_id, required=False)
+            raise invalid("input", f"must be at most {MAX_INPUT_BYTES} bytes")
+        _check_id("conversation_id", request.conversation_id, required=False)
+        _check_id("request_id", request.request_id, required=False)
         agent = self._agents.get(request.agent)
         if agent is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"agent {request.agent!r} is not configured")
-            raise AssertionError  # abort raises; this tells type checkers
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {request.agent!r} is not configured")
         # A request_id maps to one workflow id, and Temporal admits one workflow per
         # id: duplicates, concurrent or late, all land on the first run.
         if request.request_id:
@@ -85,7 +96,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             run_id = "run-" + uuid.uuid4().hex
         conversation = request.conversation_id
         if conversation:
-            await self._claim_conversation(context, conversation, run_id, agent)
+            await self._claim_conversation(conversation, run_id, agent)
             # The user's turn is saved before the run starts, so a run that fails
             # later never loses it (saving is idempotent per run).
             await self._conversations.append(
@@ -96,7 +107,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             )
         try:
             await self._temporal.start_workflow(
-                AgentRunWorkflow.run,
+                WORKFLOW_NAME,
                 RunInput(run_id, agent, request.input, conversation),
                 id=run_id,
                 task_queue=self._settings.task_queue,
@@ -116,9 +127,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise
         return pb.StartRunResponse(run_id=run_id)
 
-    async def _claim_conversation(
-        self, context: grpc.aio.ServicerContext, conversation: str, run_id: str, agent: AgentConfig
-    ) -> None:
+    async def _claim_conversation(self, conversation: str, run_id: str, agent: AgentConfig) -> None:
         """One active run per conversation; a claim left by a run that has ended is taken over."""
         lease = int(agent.run_timeout_seconds() + RUN_TIMEOUT_GRACE_SECONDS)
         holder = await self._conversations.acquire_active_run(conversation, run_id, ttl_seconds=lease)
@@ -129,70 +138,61 @@ class AgentService(pb_grpc.AgentServiceServicer):
         ):
             return
         current = await self._conversations.active_run(conversation) or holder
-        await context.abort(
+        raise ApiError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"conversation {conversation!r} already has an active run {current!r}; wait for it to end or cancel it",
         )
 
     async def _is_running(self, run_id: str) -> bool:
-        try:
-            execution = await _runs.handle(self._temporal, run_id).describe()
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                return False
-            raise
-        return not _runs.is_finished(execution)
+        execution = await self._find(run_id)
+        return execution is not None and not _runs.is_finished(execution)
 
-    async def StreamRun(
-        self, request: pb.StreamRunRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamRunResponse]:
-        await _check_id(context, "run_id", request.run_id, required=True)
+    async def StreamRun(self, request: pb.StreamRunRequest, context: Context) -> AsyncIterator[pb.StreamRunResponse]:
+        _check_id("run_id", request.run_id, required=True)
         if request.after_sequence < 0:
-            await _invalid(context, "after_sequence", "must not be negative")
+            raise invalid("after_sequence", "must not be negative")
         run_id, after = request.run_id, request.after_sequence
         prefix = self._settings.redis_prefix
         if after > 0:
             # A client that reconnects gets the approval requests still waiting for
             # an answer again, even those it saw before it went away.
-            for approval in await self._pending_approvals(context, run_id):
+            for approval in await self._pending_approvals(run_id):
                 if approval.sequence <= after:
                     yield pb.StreamRunResponse(
                         event=pb.RunEvent(sequence=approval.sequence, approval_requested=approval)
                     )
-        events = await read_range(self._redis, prefix, run_id, after)
+        batch = await read_range(self._redis, prefix, run_id, after)
         while True:
-            if not events:
+            if not batch:
                 # Nothing new in Redis: the run may be unknown, just starting,
                 # waiting, or its stream may be gone. Temporal knows which.
-                remaining = await self._remaining_if_finished(context, run_id, after)
+                remaining = await self._remaining_if_finished(run_id, after)
                 if remaining is None:
-                    events = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
+                    batch = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
                     continue
                 if not remaining:
                     return
-                events = remaining
-            for event in events:
+                batch = remaining
+            for event in batch:
                 if is_terminal(event):
                     await self._until_closed(run_id)
                 yield pb.StreamRunResponse(event=event)
                 after = event.sequence
                 if is_terminal(event):
                     return
-            events = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
+            batch = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
 
-    async def _remaining_if_finished(
-        self, context: grpc.aio.ServicerContext, run_id: str, after: int
-    ) -> list[pb.RunEvent] | None:
+    async def _remaining_if_finished(self, run_id: str, after: int) -> list[pb.RunEvent] | None:
         """None while the run goes on; once it has ended, the events left to send, ending with its terminal
         event, which is rebuilt from Temporal's record when Redis no longer has it."""
-        execution = await self._describe(context, run_id)
+        execution = await self._describe(run_id)
         if not _runs.is_finished(execution):
             return None
-        events = await read_range(self._redis, self._settings.redis_prefix, run_id, after)
-        if not any(is_terminal(e) for e in events):
-            terminal = await self._rebuilt_terminal(execution, after if not events else events[-1].sequence)
-            events += [terminal] if terminal is not None else []
-        return events
+        batch = await read_range(self._redis, self._settings.redis_prefix, run_id, after)
+        if not any(is_terminal(e) for e in batch):
+            terminal = await self._rebuilt_terminal(execution, after if not batch else batch[-1].sequence)
+            batch += [terminal] if terminal is not None else []
+        return batch
 
     async def _until_closed(self, run_id: str) -> None:
         """Waits briefly for Temporal to record the end that the terminal event announces.
@@ -204,61 +204,56 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await asyncio.wait_for(_runs.handle(self._temporal, run_id).result(follow_runs=False), CLOSE_WAIT_SECONDS)
 
     async def _pending_approvals(
-        self, context: grpc.aio.ServicerContext, run_id: str, execution: WorkflowExecution | None = None
+        self, run_id: str, execution: WorkflowExecution | None = None
     ) -> list[pb.ApprovalRequested]:
         """Pending approval requests: Redis has them the moment they are published, the memo once Redis lost them."""
         prefix = self._settings.redis_prefix
-        events = await pending_approvals(self._redis, prefix, run_id)
-        if events or await stream_exists(self._redis, prefix, run_id):
-            for event in events:
+        pending = await pending_approvals(self._redis, prefix, run_id)
+        if pending or await stream_exists(self._redis, prefix, run_id):
+            for event in pending:
                 event.approval_requested.sequence = event.sequence
-            return [event.approval_requested for event in events]
-        return await _runs.memo_pending_approvals(execution or await self._describe(context, run_id))
+            return [event.approval_requested for event in pending]
+        return await _runs.memo_pending_approvals(execution or await self._describe(run_id))
 
     async def _rebuilt_terminal(self, execution: WorkflowExecution, after: int) -> pb.RunEvent | None:
         """The terminal event from Temporal's record, or None when the caller has already seen it."""
-        handle = _runs.handle(self._temporal, execution.id)
-        event = await _runs.terminal_event(execution, await _runs.outcome(handle, execution))
+        event = await _runs.terminal_event(execution, await _runs.ended(self._temporal, execution))
         if event.sequence == 0:  # the run ended without publishing one (timeout, termination)
             event.sequence = after + 1
         return event if event.sequence > after else None
 
-    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
-        await _check_id(context, "run_id", request.run_id, required=True)
-        execution = await self._describe(context, request.run_id)
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
+        _check_id("run_id", request.run_id, required=True)
+        execution = await self._describe(request.run_id)
         if _runs.is_finished(execution):
-            finished = await _runs.outcome(_runs.handle(self._temporal, execution.id), execution)
-            return pb.GetRunResponse(run=await _runs.to_run(execution, finished))
-        pending = await self._pending_approvals(context, execution.id, execution)
+            return pb.GetRunResponse(run=await _runs.to_run(execution, await _runs.ended(self._temporal, execution)))
+        pending = await self._pending_approvals(execution.id, execution)
         return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending))
 
-    async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
-        await _check_id(context, "run_id", request.run_id, required=True)
+    async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
+        _check_id("run_id", request.run_id, required=True)
         if len(request.reason) > MAX_REASON_LENGTH:
-            await _invalid(context, "reason", f"must be at most {MAX_REASON_LENGTH} characters")
-        execution = await self._describe(context, request.run_id)
+            raise invalid("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+        execution = await self._describe(request.run_id)
         if _runs.is_finished(execution):
-            finished = await _runs.outcome(_runs.handle(self._temporal, execution.id), execution)
-            if finished.state == pb.RUN_STATE_CANCELLED:
+            if _runs.state(execution) == pb.RUN_STATE_CANCELLED:
                 return pb.CancelRunResponse()  # cancelling twice is harmless
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"run {request.run_id!r} has already ended ({pb.RunState.Name(finished.state)})",
+                f"run {request.run_id!r} has already ended ({pb.RunState.Name(_runs.state(execution))})",
             )
-        handle = _runs.handle(self._temporal, request.run_id)
-        await handle.cancel(reason=request.reason)
+        await _runs.handle(self._temporal, request.run_id).cancel(reason=request.reason)
         return pb.CancelRunResponse()
 
-    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            await _invalid(context, "page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+            raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
         try:
             token = base64.urlsafe_b64decode(request.page_token) if request.page_token else None
         except (binascii.Error, ValueError):
-            await _invalid(context, "page_token", "is not a token that ListRuns returned")
-            raise AssertionError from None
+            raise invalid("page_token", "is not a token that ListRuns returned") from None
         page = self._temporal.list_workflows(
-            f"WorkflowType = '{_runs.WORKFLOW_TYPE}' AND TaskQueue = '{self._settings.task_queue}'",
+            f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}'",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
             next_page_token=token,
         )
@@ -266,61 +261,64 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await page.fetch_next_page()
         except RPCError as err:
             if err.status == RPCStatusCode.INVALID_ARGUMENT:
-                await _invalid(context, "page_token", "is not a token that ListRuns returned")
+                raise invalid("page_token", "is not a token that ListRuns returned") from None
             raise
         runs = [await _runs.to_run(execution) for execution in page.current_page or []]
         next_token = base64.urlsafe_b64encode(page.next_page_token).decode() if page.next_page_token else ""
         return pb.ListRunsResponse(runs=runs, next_page_token=next_token)
 
-    async def Approve(self, request: pb.ApproveRequest, context: grpc.aio.ServicerContext) -> pb.ApproveResponse:
-        await _check_id(context, "run_id", request.run_id, required=True)
-        await _check_id(context, "approval_id", request.approval_id, required=True)
-        decision = _DECISIONS.get(request.decision)
-        if decision is None:
-            await _invalid(context, "decision", "must be APPROVAL_DECISION_APPROVE or APPROVAL_DECISION_DENY")
-            raise AssertionError
+    async def Approve(self, request: pb.ApproveRequest, context: Context) -> pb.ApproveResponse:
+        _check_id("run_id", request.run_id, required=True)
+        _check_id("approval_id", request.approval_id, required=True)
+        decision = events.decision_from_proto(request.decision)
+        if decision == Decision.PENDING:
+            raise invalid("decision", "must be APPROVAL_DECISION_APPROVE or APPROVAL_DECISION_DENY")
         if len(request.reason) > MAX_REASON_LENGTH:
-            await _invalid(context, "reason", f"must be at most {MAX_REASON_LENGTH} characters")
+            raise invalid("reason", f"must be at most {MAX_REASON_LENGTH} characters")
         if request.arguments_sha256 and not _SHA256_PATTERN.match(request.arguments_sha256):
-            await _invalid(context, "arguments_sha256", "must be 64 lowercase hexadecimal digits")
-        approver = await approver_of(context)
-        execution = await self._describe(context, request.run_id)
+            raise invalid("arguments_sha256", "must be 64 lowercase hexadecimal digits")
+        approver = approver_of(context)
+        execution = await self._describe(request.run_id)
         if _runs.is_finished(execution):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run_id!r} has already ended")
-        answer = ApprovalDecision(
+            raise _already_ended(request.run_id)
+        answer = ApprovalAnswer(
             request.approval_id, decision, approver, request.reason, arguments_sha256=request.arguments_sha256
         )
         try:
             approval = await _runs.handle(self._temporal, request.run_id).execute_update(
-                AgentRunWorkflow.decide_approval, answer
+                DECIDE_APPROVAL_UPDATE, answer, result_type=Approval
             )
         except WorkflowUpdateFailedError as err:
             cause = err.cause
             if isinstance(cause, ApplicationError) and cause.type in _APPROVAL_ERRORS:
-                await context.abort(_APPROVAL_ERRORS[cause.type], cause.message)
+                raise ApiError(_APPROVAL_ERRORS[ErrorType(cause.type)], cause.message) from None
             raise
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:  # the run ended meanwhile
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run_id!r} has already ended")
+                raise _already_ended(request.run_id) from None
             raise
         return pb.ApproveResponse(
-            decision=_runs.decision_to_proto(approval.decision), approver=approval.approver, reason=approval.reason
+            decision=events.decision_to_proto(approval.decision), approver=approval.approver, reason=approval.reason
         )
 
-    async def _describe(self, context: grpc.aio.ServicerContext, run_id: str) -> WorkflowExecution:
+    async def _find(self, run_id: str) -> WorkflowExecution | None:
+        """The run's workflow execution; None when there is no run with this id."""
         try:
             execution = await _runs.handle(self._temporal, run_id).describe()
         except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
-            execution = None
-        if execution is None or not _runs.is_agent_run(execution):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"run {run_id!r} does not exist")
-            raise AssertionError
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        return execution if _runs.is_agent_run(execution) else None
+
+    async def _describe(self, run_id: str) -> WorkflowExecution:
+        execution = await self._find(run_id)
+        if execution is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"run {run_id!r} does not exist")
         return execution
 
 
-async def approver_of(context: grpc.aio.ServicerContext) -> str:
+def approver_of(context: Context) -> str:
     """Who is calling Approve: the one place that reads the approver's identity.
 
     Until authentication lands, it comes from the request metadata.
@@ -328,25 +326,24 @@ async def approver_of(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == APPROVER_METADATA and isinstance(value, str) and value.strip():
             if len(value) > MAX_ID_LENGTH:
-                await _invalid(context, APPROVER_METADATA, f"must be at most {MAX_ID_LENGTH} characters")
+                raise invalid(APPROVER_METADATA, f"must be at most {MAX_ID_LENGTH} characters")
             return value.strip()
-    await context.abort(
+    raise ApiError(
         grpc.StatusCode.UNAUTHENTICATED, f"Approve needs the approver's identity in the {APPROVER_METADATA} metadata"
     )
-    raise AssertionError
 
 
-async def _invalid(context: grpc.aio.ServicerContext, field: str, problem: str) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
+def _already_ended(run_id: str) -> ApiError:
+    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run_id!r} has already ended")
 
 
-async def _check_id(context: grpc.aio.ServicerContext, field: str, value: str, *, required: bool) -> None:
+def _check_id(field: str, value: str, *, required: bool) -> None:
     if not value:
         if required:
-            await _invalid(context, field, "must not be empty")
+            raise invalid(field, "must not be empty")
         return
     if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.match(value):
-        await _invalid(context, field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
+        raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
 
 
 async def serve(
@@ -361,7 +358,7 @@ async def serve(
     agents = load_agents(settings.agents_file)
     temporal = temporal or await connect_temporal(settings)
     redis_client = redis_client or connect_redis(settings)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[ErrorMapping()])
     pb_grpc.add_AgentServiceServicer_to_server(AgentService(settings, temporal, redis_client, agents), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -391,18 +388,3 @@ async def run_server(settings: Settings, *, port: int, host: str, stop: asyncio.
     await stop.wait()
     log.info("server shutting down")
     await shutdown(server)
-
-
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="agentrun server", description="Run the AgentService gRPC server.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(run_server(Settings.from_env(), port=args.port, host=args.host))
-
-
-if __name__ == "__main__":
-    main()

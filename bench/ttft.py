@@ -12,7 +12,6 @@ import asyncio
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,10 +28,9 @@ import aiohttp
 import grpc
 import openai
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentrun._dev import redis_server, temporal_dev_server
 from agentrun.client import AgentRunClient
+from devstack.stack import free_port, redis_server, temporal_dev_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS_FILE = ROOT / "agents.yaml"
@@ -52,12 +50,6 @@ class Sample:
     deltas: int
     start_rpc: float = 0.0  # agentrun only: the StartRun round trip
     emitted: float = 0.0  # agentrun only: StartRun call -> the worker creates the first delta (wall clock)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager
@@ -110,22 +102,16 @@ async def running_stack() -> AsyncIterator[tuple[str, str]]:
 
 async def wait_ready(model_url: str, grpc_target: str, procs: Procs, logs: Path) -> None:
     """Until the model lists its models and the gRPC server says SERVING (warm-up waits for the worker)."""
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(grpc_target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if dead := [name for name, proc in procs.items() if proc.returncode is not None]:
-                raise RuntimeError(f"{dead[0]} exited on start-up; see {logs / dead[0]}.log")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the stack was not ready within 60 s; logs in {logs}")
-            try:
-                async with http.get(f"{model_url}/models") as reply:
-                    check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == 200 and check.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            except (aiohttp.ClientError, grpc.aio.AioRpcError):
-                pass
-            await asyncio.sleep(0.1)
+
+    def still_starting() -> None:
+        if dead := [name for name, proc in procs.items() if proc.returncode is not None]:
+            raise RuntimeError(f"{dead[0]} exited on start-up; see {logs / dead[0]}.log")
+
+    async with grpc.aio.insecure_channel(grpc_target) as channel, asyncio.timeout(60):
+        await wait_until_serving(channel, still_starting=still_starting)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{model_url}/models") as reply:
+            reply.raise_for_status()
 
 
 async def direct(llm: openai.AsyncOpenAI, agent: dict[str, Any], prompt: str) -> Sample:

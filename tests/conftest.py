@@ -3,28 +3,38 @@ and for each test its own task queue, Redis key prefix, worker and gRPC server."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import grpc
 import openai
 import pytest
 import redis.asyncio as redis
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from agent_service.server import serve
-from agentrun._dev import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
 from agentrun.client import AgentRunClient
+from devstack.stack import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
+from shared.agents import load_agents
+from shared.settings import Settings
 from worker import offline_model
-from worker.agents import load_agents
-from worker.settings import Settings
+from worker.tools import ToolRegistry
 from worker.worker import build_worker
 
 TESTS = Path(__file__).parent
 AGENTS_FILE = TESTS / "agents.yaml"
+
+
+def details(err: grpc.aio.AioRpcError) -> str:
+    """The status message of a failed call ("" when it has none)."""
+    return err.details() or ""
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +59,7 @@ class Model:
     base_url: str
     server: offline_model.OfflineModel
 
-    def script(self, *steps: dict) -> str:
+    def script(self, *steps: dict[str, Any]) -> str:
         """Registers a script and returns its key; put the key in a run's input to use it."""
         key = f"script-{uuid.uuid4().hex[:12]}"
         self.server.add_script(key, list(steps))
@@ -98,6 +108,29 @@ class Stack:
     redis: redis.Redis
     model: Model
     address: str
+    llm: openai.AsyncOpenAI
+    worker: Worker
+    _running: asyncio.Task[None]
+
+    async def restart_worker(self, *, agents_file: Path | None = None, tools: ToolRegistry | None = None) -> None:
+        """Stops the worker and starts another on the same task queue, as a deploy does."""
+        await self.stop()
+        if agents_file is not None:
+            self.settings = replace(self.settings, agents_file=str(agents_file))
+        self.worker = build_worker(
+            self.temporal,
+            self.settings,
+            redis_client=self.redis,
+            model=self.llm,
+            agents=load_agents(self.settings.agents_file),
+            tools=tools,
+            sandboxed=True,
+        )
+        self._running = asyncio.create_task(self.worker.run())
+
+    async def stop(self) -> None:
+        await self.worker.shutdown()
+        await self._running
 
 
 @pytest.fixture
@@ -109,9 +142,11 @@ async def stack(
         worker = build_worker(
             temporal_env.client, settings, redis_client=redis_client, model=llm, agents=agents, sandboxed=True
         )
-        async with worker:
-            server, port = await serve(settings, port=0, temporal=temporal_env.client, redis_client=redis_client)
-            address = f"127.0.0.1:{port}"
-            async with AgentRunClient(address) as client:
-                yield Stack(client, settings, temporal_env.client, redis_client, model, address)
-            await server.stop(None)
+        running = asyncio.create_task(worker.run())
+        server, port = await serve(settings, port=0, temporal=temporal_env.client, redis_client=redis_client)
+        address = f"127.0.0.1:{port}"
+        async with AgentRunClient(address) as client:
+            stack = Stack(client, settings, temporal_env.client, redis_client, model, address, llm, worker, running)
+            yield stack
+        await server.stop(None)
+        await stack.stop()

@@ -5,27 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from agentrun.client import AgentRunClient
+from devstack.stack import free_port, wait_until_serving
+from shared.settings import Settings
 from tests.conftest import Model
-from worker.settings import Settings
 
 WORDS = [f"token{i} " for i in range(60)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def service_env(settings: Settings) -> dict[str, str]:
@@ -46,19 +38,6 @@ async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "agentrun.cli", *args, env=env)
 
 
-async def wait_serving(channel: grpc.aio.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    for _ in range(300):
-        try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(service="agentrun.v1.AgentService"), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("server never became healthy")
-
-
 @dataclass
 class Services:
     client: AgentRunClient
@@ -74,7 +53,8 @@ async def services(settings: Settings, redis_client: object) -> AsyncIterator[Se
     server = await spawn("server", "--port", str(port), env=env)
     worker = await spawn("worker", env=env)
     async with AgentRunClient(f"127.0.0.1:{port}") as client:
-        await wait_serving(client.channel)
+        async with asyncio.timeout(30):
+            await wait_until_serving(client.channel)
         running = Services(client, server, env, [worker])
         yield running
     for process in [server, *running.workers]:
@@ -89,7 +69,7 @@ async def test_a_run_streams_through_separate_server_and_worker_processes(servic
 
     events = [event async for event in services.client.stream_run(run_id)]
 
-    assert [e.sequence for e in events] == list(range(1, len(WORDS) + 2))
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert "".join(e.text_delta.text for e in events[:-1]) == "".join(WORDS)
     assert events[-1].run_completed.output == "".join(WORDS)
 
@@ -116,8 +96,12 @@ async def test_a_killed_worker_loses_nothing_and_repeats_no_text(services: Servi
 
 async def test_health_reflection_and_graceful_shutdown(services: Services) -> None:
     await services.client.run("assistant", "hello")  # both services are up and working
-    reflection = reflection_pb2_grpc.ServerReflectionStub(services.client.channel)
-    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    reflection = services.client.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    replies = reflection(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {service.name async for reply in replies for service in reply.list_services_response.service}
     assert {"agentrun.v1.AgentService", "grpc.health.v1.Health"} <= names
 

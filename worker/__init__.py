@@ -1,6 +1,4 @@
-"""The agentrun worker service: the agent-run workflow and the activities it drives.
+"""The agentrun worker service: the agent-run workflow, the activities it drives, and the tools.
 
-The gRPC server imports the run contract from here (workflow types, agent
-configuration, the Redis layout of run event streams), so both services always
-agree on it.
+Nothing here is imported by the gRPC server; what both services need is in ``shared``.
 """

@@ -6,20 +6,31 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import jsonschema
 import openai
-from google.protobuf import json_format
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.completion_usage import CompletionUsage
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from agentrun.v1 import agent_service_pb2 as pb
-from worker.agents import AgentConfig
-from worker.conversations import ConversationStore
-from worker.run_stream import RunStreamWriter, new_event
+from shared import events
+from shared.agents import AgentConfig
+from shared.contract import (
+    CallModelInput,
+    ErrorType,
+    ModelReply,
+    PublishEventsInput,
+    PublishOutcomeInput,
+    RunToolInput,
+    ToolCallRequest,
+    ToolCallStatus,
+    ToolOutcome,
+    Usage,
+)
+from shared.conversations import ConversationStore
+from shared.run_stream import RunStreamWriter
 from worker.tools import ToolContext, ToolError, ToolRegistry
 
 # How often a running activity tells Temporal it is alive. Cancellation reaches
@@ -34,135 +45,6 @@ FINAL_ROUND_NOTE = (
 # call), so that the history sent to the model stays well-formed.
 MISSING_RESULT = "No result: the run ended before this tool call finished."
 
-
-@dataclass
-class Usage:
-    """Tokens spent by model calls."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    total_tokens: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.cached_tokens + other.cached_tokens,
-            self.reasoning_tokens + other.reasoning_tokens,
-            self.total_tokens + other.total_tokens,
-        )
-
-    def to_proto(self) -> pb.Usage:
-        return pb.Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cached_tokens=self.cached_tokens,
-            reasoning_tokens=self.reasoning_tokens,
-            total_tokens=self.total_tokens,
-        )
-
-
-@dataclass
-class CallModelInput:
-    """One model round of a run.
-
-    ``messages`` are the run's own messages so far (its user message first);
-    ``after_sequence`` is the last event the workflow knows was published.
-    """
-
-    run_id: str
-    agent: AgentConfig
-    messages: list[dict[str, Any]]
-    after_sequence: int
-    round: int = 0
-    conversation_id: str = ""
-    # The last round the agent may take: the model is told to answer without tools.
-    final_round: bool = False
-    # The agents from the run's root to the one calling, stamped on every event.
-    agent_path: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ToolCallRequest:
-    """A tool call the model made; ``error`` is set when it cannot run (unknown tool, bad arguments)."""
-
-    call_id: str
-    name: str
-    arguments: str
-    error: str = ""
-    needs_approval: bool = False
-
-
-@dataclass
-class ModelReply:
-    """What the model answered, what it cost, and the last event sequence the round published."""
-
-    text: str
-    usage: Usage
-    last_sequence: int
-    # The assistant message to add to the run's messages.
-    message: dict[str, Any] = field(default_factory=dict)
-    tool_calls: list[ToolCallRequest] = field(default_factory=list)
-    # With an output schema: the parsed answer, or why it does not fit the schema.
-    structured_output: Any = None
-    output_error: str = ""
-
-
-@dataclass
-class PublishInput:
-    """A terminal event for the run's stream, described without protobuf types."""
-
-    run_id: str
-    after_sequence: int
-    kind: str  # "run_completed", "run_failed" or "run_cancelled"
-    output: str = ""
-    usage: Usage = field(default_factory=Usage)
-    error: str = ""
-    reason: str = ""
-    structured_output: Any = None
-    # The run's conversation, released for the next run once the run has ended.
-    conversation_id: str = ""
-    agent_path: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PublishEventsInput:
-    """Events from the workflow, each a dict in the protobuf JSON form of a RunEvent's kind.
-
-    ``once`` names the batch so that a retried publish adds nothing.
-    """
-
-    run_id: str
-    after_sequence: int
-    events: list[dict[str, Any]]
-    once: str
-    agent_path: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RunToolInput:
-    """One tool call to execute."""
-
-    run_id: str
-    call_id: str
-    name: str
-    arguments: str
-    after_sequence: int
-    agent_path: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ToolOutcome:
-    """How a tool call ended: "completed" with a result, or "failed" with an error for the model."""
-
-    status: str
-    result: str = ""
-    error: str = ""
-    last_sequence: int = 0
-
-
 # Client errors that another attempt cannot fix.
 _PERMANENT_MODEL_ERRORS = (
     openai.BadRequestError,
@@ -173,56 +55,105 @@ _PERMANENT_MODEL_ERRORS = (
 )
 
 
-class _Publisher:
-    """Publishes events in order while the model keeps streaming.
+class _TextPublisher:
+    """Publishes a reply's text to the run's stream while the model keeps streaming.
 
-    The first event goes out at once; events produced while a write is in flight
-    are sent together by the next write, so a fast model costs few Redis calls
-    and a slow one is never held back.
+    The first text goes out at once; text that arrives while a write is in flight is sent as one event by the
+    next write, so a fast model costs few Redis calls and a slow one is never held back. A retried model call
+    must not repeat text that an earlier attempt already published: ``already_sent`` is skipped for as long as
+    the new reply agrees with it.
     """
 
-    def __init__(self, writer: RunStreamWriter, run_id: str, after_sequence: int, agent_path: list[str]) -> None:
+    def __init__(
+        self, writer: RunStreamWriter, run_id: str, after_sequence: int, agent_path: list[str], already_sent: str
+    ) -> None:
         self._writer = writer
         self._run_id = run_id
         self._agent_path = agent_path
+        self._already_sent = already_sent
+        self._position = 0
         self.last_sequence = after_sequence
+        # The run has ended (it was cancelled): nobody reads further text.
         self.closed = False
-        self._pending: list[pb.RunEvent] = []
+        self._pending: list[str] = []
         self._wake = asyncio.Event()
         self._done = False
         self._task = asyncio.create_task(self._flush_forever())
 
-    def add(self, event: pb.RunEvent) -> None:
+    def add(self, text: str) -> bool:
+        """Queues the reply's next text; returns whether any of it is new to the stream."""
         if self._task.done():
             self._task.result()  # re-raises a failed write
-        self._pending.append(event)
-        self._wake.set()
+        fresh = self._skip_already_sent(text)
+        if fresh:
+            self._pending.append(fresh)
+            self._wake.set()
+        return bool(fresh)
+
+    def _skip_already_sent(self, text: str) -> str:
+        start, self._position = self._position, self._position + len(text)
+        if start >= len(self._already_sent):
+            return text
+        overlap = self._already_sent[start : start + len(text)]
+        if text.startswith(overlap):
+            return text[len(overlap) :]
+        self._already_sent = ""  # the new reply differs: stream it as it comes
+        return text
 
     async def _flush_forever(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._pending:
-                batch, self._pending = self._pending, []
+                text, self._pending = "".join(self._pending), []
                 result = await self._writer.append(
-                    self._run_id, batch, floor=self.last_sequence, agent_path=self._agent_path
+                    self._run_id, [events.text_delta(text)], floor=self.last_sequence, agent_path=self._agent_path
                 )
                 self.last_sequence, self.closed = result.last_sequence, result.closed
             if self._done and not self._pending:
                 return
 
     async def close(self) -> None:
+        """Sends what is queued and waits until it is written."""
         self._done = True
         self._wake.set()
         await self._task
 
     async def abandon(self) -> None:
-        """Drops unsent events but lets a write in flight finish, so a retry knows exactly what was published."""
+        """Drops unsent text but lets a write in flight finish, so a retry knows exactly what was published."""
         self._pending.clear()
         self._done = True
         self._wake.set()
         with contextlib.suppress(Exception):
             await self._task
+
+
+class _StreamedReply:
+    """Assembles a streamed chat completion: its text, its tool calls and its usage."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.usage = Usage()
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, chunk: ChatCompletionChunk) -> str:
+        """Takes in one chunk; returns its text."""
+        if chunk.usage is not None:
+            self.usage = _usage_from(chunk.usage)
+        text = ""
+        for choice in chunk.choices:
+            for piece in choice.delta.tool_calls or []:
+                call = self._calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = piece.id or call["id"]
+                if piece.function is not None:
+                    call["name"] += piece.function.name or ""
+                    call["arguments"] += piece.function.arguments or ""
+            text += choice.delta.content or ""
+        self.text.append(text)
+        return text
+
+    def calls(self) -> list[ToolCallRequest]:
+        return [ToolCallRequest(c["id"], c["name"], c["arguments"]) for _, c in sorted(self._calls.items())]
 
 
 @contextlib.asynccontextmanager
@@ -248,26 +179,79 @@ class RunActivities:
         self,
         model: openai.AsyncOpenAI,
         stream: RunStreamWriter,
-        agents: dict[str, AgentConfig],
         tools: ToolRegistry,
         conversations: ConversationStore,
     ) -> None:
         self._model = model
         self._stream = stream
-        self._agents = agents
         self._tools = tools
         self._conversations = conversations
 
-    def _check_agent(self, agent: AgentConfig) -> None:
-        mine = self._agents.get(agent.name)
-        if mine is None or mine.fingerprint() != agent.fingerprint():
-            ours = mine.fingerprint() if mine else "missing"
+    @activity.defn
+    async def call_model(self, input: CallModelInput) -> ModelReply:
+        """Streams one model reply, publishing its text to the run's stream as it arrives."""
+        agent = input.agent
+        tool_digests = self._check_tools(agent, input.tool_digests)
+        messages = await self._model_messages(input)
+        publisher = _TextPublisher(
+            self._stream, input.run_id, input.after_sequence, input.agent_path, await self._already_sent(input)
+        )
+        streamed = _StreamedReply()
+        try:
+            async with _heartbeating():
+                response = await self._model.chat.completions.create(
+                    model=agent.model,
+                    messages=cast("list[ChatCompletionMessageParam]", messages),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **_request_options(agent, self._tools.specs(agent.tools) if _offers_tools(input) else []),
+                )
+                async for chunk in response:
+                    if publisher.add(streamed.add(chunk)):
+                        # Let the publisher send now, even when more chunks are already buffered.
+                        await asyncio.sleep(0)
+                    if publisher.closed:
+                        break
+                await publisher.close()
+        except _PERMANENT_MODEL_ERRORS as err:
+            await publisher.abandon()
             raise ApplicationError(
-                f"agent {agent.name!r} is configured differently on the server (fingerprint "
-                f"{agent.fingerprint()}) and on this worker ({ours}); deploy the same agents file to both",
-                type="AgentConfigMismatch",
+                f"model rejected the request: {err}", type=ErrorType.MODEL_REJECTED, non_retryable=True
+            ) from err
+        except BaseException:
+            await publisher.abandon()
+            raise
+        reply = ModelReply(
+            text="".join(streamed.text),
+            usage=streamed.usage,
+            last_sequence=publisher.last_sequence,
+            tool_digests=tool_digests,
+        )
+        await self._complete_reply(input, reply, streamed.calls())
+        return reply
+
+    def _check_tools(self, agent: AgentConfig, snapshot: dict[str, str]) -> dict[str, str]:
+        """The digests of the agent's tools here; refuses a run whose snapshot needs tools that this worker lacks
+        or has in another version (``snapshot`` is empty in a run's first round)."""
+        missing = [name for name in agent.tools if not self._tools.has(name)]
+        digests = {name: self._tools.get(name).digest() for name in agent.tools if name not in missing}
+        changed = [name for name, digest in snapshot.items() if name in digests and digests[name] != digest]
+        if missing or changed:
+            problems = [f"it lacks tool {name!r}" for name in missing]
+            problems += [f"its tool {name!r} takes other arguments than when the run started" for name in changed]
+            raise ApplicationError(
+                f"this worker cannot run agent {agent.name!r} as the run's snapshot needs: {'; '.join(problems)}",
+                type=ErrorType.SNAPSHOT_UNSUPPORTED,
                 non_retryable=True,
             )
+        return digests
+
+    async def _already_sent(self, input: CallModelInput) -> str:
+        """The text that earlier attempts of this model call published."""
+        if activity.info().attempt == 1:
+            return ""
+        earlier = await self._stream.read_after(input.run_id, input.after_sequence)
+        return "".join(event.text_delta.text for event in earlier if event.HasField("text_delta"))
 
     async def _model_messages(self, input: CallModelInput) -> list[dict[str, Any]]:
         agent = input.agent
@@ -286,83 +270,15 @@ class RunActivities:
             messages.append({"role": "system", "content": FINAL_ROUND_NOTE.format(rounds=agent.max_iterations)})
         return messages
 
-    @activity.defn
-    async def call_model(self, input: CallModelInput) -> ModelReply:
-        """Streams one model reply, publishing each text delta to the run's stream as it arrives."""
-        self._check_agent(input.agent)
+    async def _complete_reply(self, input: CallModelInput, reply: ModelReply, calls: list[ToolCallRequest]) -> None:
+        """Checks the reply's tool calls or its structured answer, announces the calls, and saves the turn."""
         agent = input.agent
-        messages = await self._model_messages(input)
-        # A retry must not repeat text that an earlier attempt already streamed:
-        # what that attempt published is skipped as long as the new reply agrees.
-        already_sent = ""
-        if activity.info().attempt > 1:
-            earlier = await self._stream.read_after(input.run_id, input.after_sequence)
-            already_sent = "".join(e.text_delta.text for e in earlier if e.HasField("text_delta"))
-        offer_tools = bool(agent.tools) and not input.final_round
-        publisher = _Publisher(self._stream, input.run_id, input.after_sequence, input.agent_path)
-        text: list[str] = []
-        calls: dict[int, dict[str, Any]] = {}
-        usage = Usage()
-        position = 0
-        try:
-            async with _heartbeating():
-                response = await self._model.chat.completions.create(
-                    model=agent.model,
-                    messages=cast("list[ChatCompletionMessageParam]", messages),
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    **_request_options(agent, self._tools.specs(agent.tools) if offer_tools else []),
-                )
-                async for chunk in response:
-                    if chunk.usage is not None:
-                        usage = _usage_from(chunk.usage)
-                    for choice in chunk.choices:
-                        for piece in choice.delta.tool_calls or []:
-                            call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
-                            call["id"] = piece.id or call["id"]
-                            if piece.function is not None:
-                                call["name"] += piece.function.name or ""
-                                call["arguments"] += piece.function.arguments or ""
-                        delta = choice.delta.content
-                        if not delta:
-                            continue
-                        text.append(delta)
-                        fresh = delta
-                        if position < len(already_sent):
-                            overlap = already_sent[position : position + len(delta)]
-                            if delta.startswith(overlap):
-                                fresh = delta[len(overlap) :]
-                            else:
-                                already_sent = ""  # the new reply differs: stream it as it comes
-                        position += len(delta)
-                        if fresh:
-                            publisher.add(new_event(text_delta=pb.TextDelta(text=fresh)))
-                            # Let the publisher send now, even when more chunks are already buffered.
-                            await asyncio.sleep(0)
-                    if publisher.closed:
-                        break  # the run has ended (cancelled); nobody reads further deltas
-                await publisher.close()
-        except _PERMANENT_MODEL_ERRORS as err:
-            await publisher.abandon()
-            raise ApplicationError(
-                f"model rejected the request: {err}", type=type(err).__name__, non_retryable=True
-            ) from err
-        except BaseException:
-            await publisher.abandon()
-            raise
-        reply = ModelReply(text="".join(text), usage=usage, last_sequence=publisher.last_sequence)
-        reply.tool_calls = [self._inspect(agent, call) for _, call in sorted(calls.items())]
+        reply.tool_calls = [self._inspect(agent, call) for call in calls]
         reply.message = _assistant_message(reply.text, reply.tool_calls)
         if reply.tool_calls:
-            started = [
-                new_event(
-                    tool_call_started=pb.ToolCallStarted(call_id=c.call_id, tool_name=c.name, arguments=c.arguments)
-                )
-                for c in reply.tool_calls
-            ]
             result = await self._stream.append(
                 input.run_id,
-                started,
+                [events.tool_call_started(call) for call in reply.tool_calls],
                 floor=reply.last_sequence,
                 agent_path=input.agent_path,
                 once=f"started:{input.round}",
@@ -377,27 +293,34 @@ class RunActivities:
                 [*input.messages, reply.message],
                 ttl_seconds=agent.history_ttl_seconds,
             )
-        return reply
 
-    def _inspect(self, agent: AgentConfig, call: dict[str, Any]) -> ToolCallRequest:
+    def _inspect(self, agent: AgentConfig, call: ToolCallRequest) -> ToolCallRequest:
         """Checks a call before anything runs: is the tool available, are the arguments valid, is approval needed?"""
-        request = ToolCallRequest(call_id=call["id"], name=call["name"], arguments=call["arguments"])
-        if request.name not in agent.tools:
+        if call.name not in agent.tools:
             available = ", ".join(agent.tools) or "none"
-            request.error = f"unknown tool {request.name!r}; available tools: {available}"
-            return request
+            call.error = f"unknown tool {call.name!r}; available tools: {available}"
+            return call
         try:
-            self._tools.parse_arguments(request.name, request.arguments)
+            self._tools.parse_arguments(call.name, call.arguments)
         except ToolError as err:
-            request.error = str(err)
-            return request
-        flagged = self._tools.get(request.name).requires_approval
-        request.needs_approval = agent.approval.requires_approval(request.name, flagged_by_tool=flagged)
-        return request
+            call.error = str(err)
+            return call
+        flagged = self._tools.get(call.name).requires_approval
+        call.needs_approval = agent.approval.requires_approval(call.name, flagged_by_tool=flagged)
+        return call
 
     @activity.defn
     async def run_tool(self, input: RunToolInput) -> ToolOutcome:
         """Runs one tool call; an error in the tool becomes an error result for the model, not a retry."""
+        if input.tool_digest and (
+            not self._tools.has(input.name) or self._tools.get(input.name).digest() != input.tool_digest
+        ):
+            problem = "lacks it" if not self._tools.has(input.name) else "has a version with other arguments"
+            raise ApplicationError(
+                f"the run's snapshot needs tool {input.name!r} and this worker {problem}",
+                type=ErrorType.SNAPSHOT_UNSUPPORTED,
+                non_retryable=True,
+            )
         # The key is the same on every attempt of this call, so a tool with side
         # effects can recognise a retry of work it has already done.
         context = ToolContext(
@@ -408,21 +331,15 @@ class RunActivities:
         try:
             async with _heartbeating():
                 arguments = self._tools.parse_arguments(input.name, input.arguments)
-                outcome = ToolOutcome("completed", result=await self._tools.run(input.name, arguments, context))
+                result = await self._tools.run(input.name, arguments, context)
+            outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
         except ToolError as err:
-            outcome = ToolOutcome("failed", error=str(err))
+            outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
         except Exception as err:
-            outcome = ToolOutcome("failed", error=f"{type(err).__name__}: {err}")
-        finished = pb.ToolCallFinished(
-            call_id=input.call_id,
-            tool_name=input.name,
-            status=pb.TOOL_CALL_STATUS_COMPLETED if outcome.status == "completed" else pb.TOOL_CALL_STATUS_FAILED,
-            result=outcome.result,
-            error=outcome.error,
-        )
+            outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{type(err).__name__}: {err}")
         published = await self._stream.append(
             input.run_id,
-            [new_event(tool_call_finished=finished)],
+            [events.tool_call_finished(input.call_id, input.name, outcome)],
             floor=input.after_sequence,
             agent_path=input.agent_path,
             once=f"finished:{input.call_id}",
@@ -433,36 +350,28 @@ class RunActivities:
     @activity.defn
     async def publish_events(self, input: PublishEventsInput) -> int:
         """Publishes events that the workflow itself produces; returns the last sequence."""
-        events = []
-        for spec in input.events:
-            event = json_format.ParseDict(spec, pb.RunEvent())
-            event.time.GetCurrentTime()
-            events.append(event)
         result = await self._stream.append(
-            input.run_id, events, floor=input.after_sequence, agent_path=input.agent_path, once=input.once
+            input.run_id,
+            [events.workflow_event(event) for event in input.events],
+            floor=input.after_sequence,
+            agent_path=input.agent_path,
+            once=input.once,
         )
         return result.last_sequence
 
     @activity.defn
-    async def publish_terminal_event(self, input: PublishInput) -> int:
+    async def publish_terminal_event(self, input: PublishOutcomeInput) -> int:
         """Publishes the run's last event and frees its conversation; returns the event's sequence."""
-        if input.kind == "run_completed":
-            completed = pb.RunCompleted(output=input.output, usage=input.usage.to_proto())
-            if input.structured_output is not None:
-                json_format.ParseDict(input.structured_output, completed.structured_output)
-            event = new_event(run_completed=completed)
-        elif input.kind == "run_failed":
-            event = new_event(run_failed=pb.RunFailed(error=input.error))
-        elif input.kind == "run_cancelled":
-            event = new_event(run_cancelled=pb.RunCancelled(reason=input.reason))
-        else:
-            raise ApplicationError(f"unknown terminal event kind {input.kind!r}", non_retryable=True)
         result = await self._stream.append(
-            input.run_id, [event], floor=input.after_sequence, agent_path=input.agent_path
+            input.run_id, [events.run_ended(input.outcome)], floor=input.after_sequence, agent_path=input.agent_path
         )
         if input.conversation_id:
             await self._conversations.release_active_run(input.conversation_id, input.run_id)
         return result.last_sequence
+
+
+def _offers_tools(input: CallModelInput) -> bool:
+    return bool(input.agent.tools) and not input.final_round
 
 
 def _request_options(agent: AgentConfig, tools: list[dict[str, Any]]) -> dict[str, Any]:
@@ -522,13 +431,13 @@ def _with_all_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any
     return complete
 
 
-def _usage_from(usage: object) -> Usage:
-    prompt_details = getattr(usage, "prompt_tokens_details", None)
-    completion_details = getattr(usage, "completion_tokens_details", None)
+def _usage_from(usage: CompletionUsage) -> Usage:
+    prompt_details = usage.prompt_tokens_details
+    completion_details = usage.completion_tokens_details
     return Usage(
-        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-        cached_tokens=getattr(prompt_details, "cached_tokens", 0) or 0,
-        reasoning_tokens=getattr(completion_details, "reasoning_tokens", 0) or 0,
-        total_tokens=getattr(usage, "total_tokens", 0) or 0,
+        prompt_tokens=usage.prompt_tokens or 0,
+        completion_tokens=usage.completion_tokens or 0,
+        cached_tokens=(prompt_details.cached_tokens if prompt_details else 0) or 0,
+        reasoning_tokens=(completion_details.reasoning_tokens if completion_details else 0) or 0,
+        total_tokens=usage.total_tokens or 0,
     )

@@ -28,6 +28,7 @@ import ast
 import asyncio
 import copy
 import datetime as dt
+import hashlib
 import importlib
 import inspect
 import json
@@ -67,7 +68,7 @@ class ToolArgumentError(ToolError):
 
 
 # JSON Schema counts 3.0 as an integer; a Python function annotated ``int`` should never receive a float.
-_Validator = validators.extend(
+_Validator = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator,
     type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
@@ -82,7 +83,7 @@ _NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 class Tool:
     name: str
     description: str
-    parameters: dict
+    parameters: dict[str, Any]
     fn: Callable[..., Any]
     requires_approval: bool = False
     # The parameter of ``fn`` that receives the ToolContext, if any.
@@ -112,7 +113,7 @@ class Tool:
         object.__setattr__(self, "_none_params", tuple(none_params))
         object.__setattr__(self, "_validator", _Validator(self.parameters))
 
-    def spec(self) -> dict:
+    def spec(self) -> dict[str, Any]:
         """The OpenAI tool definition."""
         return {
             "type": "function",
@@ -124,7 +125,12 @@ class Tool:
             },
         }
 
-    def validate(self, arguments: dict) -> None:
+    def digest(self) -> str:
+        """A short hash of the arguments schema: a run started with one version refuses to run another."""
+        canonical = json.dumps(self.parameters, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def validate(self, arguments: dict[str, Any]) -> None:
         """Raises ToolArgumentError describing every problem at once, so the model can fix them in one retry."""
         problems = [_describe_error(e) for e in self._validator.iter_errors(arguments)]
         if problems:
@@ -141,7 +147,7 @@ def tool(
     *,
     name: str | None = None,
     description: str | None = None,
-    parameters: dict | None = None,
+    parameters: dict[str, Any] | None = None,
     requires_approval: bool = False,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
@@ -151,7 +157,7 @@ def tool(
     *,
     name: str | None = None,
     description: str | None = None,
-    parameters: dict | None = None,
+    parameters: dict[str, Any] | None = None,
     requires_approval: bool = False,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Turns a function into a Tool; usable bare (``@tool``) or with options (``@tool(requires_approval=True)``)."""
@@ -172,7 +178,7 @@ def tool(
     return wrap if fn is None else wrap(fn)
 
 
-def schema_from_signature(fn: Callable[..., Any]) -> dict:
+def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
     """The JSON schema of ``fn``'s arguments, derived from its type hints."""
     label = getattr(fn, "__name__", repr(fn))
     properties: dict[str, Any] = {}
@@ -228,17 +234,20 @@ class ToolRegistry:
             available = ", ".join(sorted(self._tools)) or "none"
             raise UnknownToolError(f"unknown tool {name!r}; available tools: {available}") from None
 
+    def has(self, name: str) -> bool:
+        return name in self._tools
+
     def names(self) -> list[str]:
         return list(self._tools)
 
-    def specs(self, names: Iterable[str]) -> list[dict]:
+    def specs(self, names: Iterable[str]) -> list[dict[str, Any]]:
         if isinstance(names, str):
             # A bare string is iterable too, and would be read letter by letter.
             raise TypeError("specs() takes a collection of tool names, not a single name")
         # OpenAI rejects a request that defines one function twice.
         return [self.get(name).spec() for name in dict.fromkeys(names)]
 
-    def parse_arguments(self, name: str, arguments_json: str) -> dict:
+    def parse_arguments(self, name: str, arguments_json: str) -> dict[str, Any]:
         """The arguments of a call from the model, checked against the tool's schema."""
         tool = self.get(name)
         # Models send an empty string rather than "{}" for a call without arguments.
@@ -255,7 +264,7 @@ class ToolRegistry:
         tool.validate(arguments)
         return arguments
 
-    async def run(self, name: str, arguments: dict, context: ToolContext) -> str:
+    async def run(self, name: str, arguments: dict[str, Any], context: ToolContext) -> str:
         """Calls the tool and returns its result as text; the tool's own exceptions propagate unchanged."""
         tool = self.get(name)
         # Checked again because arguments may come from somewhere other than parse_arguments.
@@ -377,17 +386,18 @@ def _json_type(value: Any) -> str:
 
 def _describe_error(error: ValidationError) -> str:
     where = _path(error.absolute_path)
+    schema = typing.cast(dict[str, Any], error.schema)
     if error.validator == "required" and isinstance(error.instance, dict):
         # jsonschema reports each missing name separately but without naming it; list them all and let the
         # caller drop the repeats.
-        missing = [name for name in error.validator_value if name not in error.instance]
+        missing = [name for name in typing.cast(list[str], error.validator_value) if name not in error.instance]
         return "; ".join(f"missing required argument {_path([*error.absolute_path, name])!r}" for name in missing)
     if error.validator == "additionalProperties" and error.validator_value is False:
-        declared = error.schema.get("properties", {})
-        patterns = error.schema.get("patternProperties", {})
+        declared = schema.get("properties", {})
+        patterns = schema.get("patternProperties", {})
         extra = [
             key
-            for key in error.instance
+            for key in typing.cast(dict[str, Any], error.instance)
             if key not in declared and not any(re.search(pattern, key) for pattern in patterns)
         ]
         return "; ".join(f"unexpected argument {_path([*error.absolute_path, key])!r}" for key in extra)

@@ -14,21 +14,22 @@ from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from shared.agents import AgentConfig, AgentConfigError, load_agents
+from shared.conversations import ConversationStore
+from shared.run_stream import RunStreamWriter
+from shared.settings import OFFLINE_API_KEY, Settings, connect_redis, connect_temporal, stop_on_signals
 from worker.activities import HEARTBEAT_INTERVAL_SECONDS, RunActivities
-from worker.agents import AgentConfig, AgentConfigError, load_agents
-from worker.conversations import ConversationStore
-from worker.run_stream import RunStreamWriter
-from worker.settings import OFFLINE_API_KEY, Settings, connect_redis, connect_temporal, stop_on_signals
 from worker.tools import ToolRegistry, default_registry
 from worker.workflows import AgentRunWorkflow
 
 log = logging.getLogger("agentrun.worker")
 
-# The workflow module imports the activities' dataclasses, which pull in these
-# libraries; the workflow never calls them, so the sandbox need not re-import them.
-_SANDBOXED = SandboxedWorkflowRunner(
+# The workflow's types come from ``shared`` and it imports the activities for their names, which pull in these
+# libraries. The workflow never calls them, so the sandbox passes them through instead of re-importing them; the
+# types must be the same classes inside and outside the sandbox for Temporal's converter to resolve their fields.
+SANDBOXED_RUNNER = SandboxedWorkflowRunner(
     restrictions=SandboxRestrictions.default.with_passthrough_modules(
-        "agentrun", "google.protobuf", "jsonschema", "openai", "redis", "opentelemetry"
+        "shared", "agentrun", "google.protobuf", "jsonschema", "openai", "redis", "opentelemetry", "yaml"
     )
 )
 
@@ -64,7 +65,6 @@ def build_worker(
     activities = RunActivities(
         model,
         RunStreamWriter(redis_client, settings.redis_prefix, settings.stream_ttl_seconds),
-        agents,
         tools,
         ConversationStore(redis_client, settings.redis_prefix),
     )
@@ -72,7 +72,7 @@ def build_worker(
         client,
         task_queue=settings.task_queue,
         workflows=[AgentRunWorkflow],
-        workflow_runner=_SANDBOXED if sandboxed else UnsandboxedWorkflowRunner(),
+        workflow_runner=SANDBOXED_RUNNER if sandboxed else UnsandboxedWorkflowRunner(),
         activities=[
             activities.call_model,
             activities.run_tool,
@@ -125,12 +125,3 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
                 log.info("worker shutting down")
     finally:
         await redis_client.aclose()
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(run_worker(Settings.from_env()))
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -11,20 +13,27 @@ from temporalio.api.enums.v1 import EventType
 
 from agentrun.v1 import agent_service_pb2 as pb
 from tests.agent_service.test_runs import collect, kinds, wait_for_state
-from tests.conftest import Stack
+from tests.conftest import Stack, details
 
 APPROVER = (("x-agentrun-approver", "alice"),)
 
 
-def calls(*specs: tuple[str, object]) -> dict:
+def calls(*specs: tuple[str, object]) -> dict[str, Any]:
     return {"tool_calls": [{"name": name, "arguments": arguments} for name, arguments in specs]}
 
 
-def tool_messages(request: dict) -> list[dict]:
+def tool_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
     return [m for m in request["messages"] if m["role"] == "tool"]
 
 
-async def approve(stack: Stack, run_id: str, approval_id: str, decision: int, reason: str = "", **extra: str):
+async def approve(
+    stack: Stack,
+    run_id: str,
+    approval_id: str,
+    decision: pb.ApprovalDecision.ValueType,
+    reason: str = "",
+    **extra: str,
+) -> pb.ApproveResponse:
     request = pb.ApproveRequest(run_id=run_id, approval_id=approval_id, decision=decision, reason=reason, **extra)
     return await stack.client.stub.Approve(request, metadata=APPROVER)
 
@@ -228,10 +237,10 @@ async def test_approve_is_idempotent_and_rejects_what_it_cannot_do(stack: Stack)
     _, requested = await until(stack, run_id, "approval_requested")
     approval_id = requested.approval_requested.approval_id
 
-    async def error_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    async def error_of(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call
-        return raised.value.code(), raised.value.details()
+        return raised.value.code(), details(raised.value)
 
     assert (await error_of(approve(stack, run_id, "ap-nope", pb.APPROVAL_DECISION_APPROVE)))[0] == (
         grpc.StatusCode.NOT_FOUND
@@ -239,12 +248,12 @@ async def test_approve_is_idempotent_and_rejects_what_it_cannot_do(stack: Stack)
     assert (await error_of(approve(stack, "run-nope", approval_id, pb.APPROVAL_DECISION_APPROVE)))[0] == (
         grpc.StatusCode.NOT_FOUND
     )
-    code, details = await error_of(approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_UNSPECIFIED))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("decision:")
-    code, details = await error_of(
+    code, message = await error_of(approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_UNSPECIFIED))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("decision:")
+    code, message = await error_of(
         approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE, arguments_sha256="abc")
     )
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("arguments_sha256:")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("arguments_sha256:")
     code, _ = await error_of(
         approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE, arguments_sha256="0" * 64)
     )
@@ -257,8 +266,8 @@ async def test_approve_is_idempotent_and_rejects_what_it_cannot_do(stack: Stack)
     first = await approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE, "yes")
     again = await approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE, "yes again")
     assert (again.decision, again.approver, again.reason) == (first.decision, "alice", "yes")
-    code, details = await error_of(approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_DENY))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "already decided" in details
+    code, message = await error_of(approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_DENY))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "already decided" in message
 
     await collect(stack, run_id)
     await wait_for_state(stack, run_id, pb.RUN_STATE_COMPLETED)
@@ -342,7 +351,7 @@ async def test_one_active_run_per_conversation(stack: Stack) -> None:
         await stack.client.start_run("chat", "me too", conversation_id="conv-busy")
 
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert first in raised.value.details()
+    assert first in details(raised.value)
     await collect(stack, first)
     await wait_for_state(stack, first, pb.RUN_STATE_COMPLETED)
     assert await stack.client.start_run("chat", slow, conversation_id="conv-busy") != first

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from agentrun.v1 import agent_service_pb2 as pb
-from tests.conftest import Stack
-from worker.run_stream import stream_key
+from shared.run_stream import stream_key
+from tests.conftest import Stack, details
 
 WORDS = [f"word{i} " for i in range(40)]
 TEXT = "".join(WORDS)
@@ -23,7 +23,7 @@ def text_of(events: list[pb.RunEvent]) -> str:
     return "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
 
 
-def kinds(events: list[pb.RunEvent]) -> list[str]:
+def kinds(events: list[pb.RunEvent]) -> list[str | None]:
     return [e.WhichOneof("kind") for e in events]
 
 
@@ -43,7 +43,9 @@ async def test_stream_is_complete_ordered_and_ends_with_the_result(stack: Stack)
     events = await collect(stack, run_id)
 
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
-    assert kinds(events) == ["text_delta"] * len(WORDS) + ["run_completed"]
+    # Text that arrives while a write is in flight travels in one event, so there may be fewer events than chunks.
+    assert set(kinds(events[:-1])) == {"text_delta"} and kinds(events)[-1] == "run_completed"
+    assert len(events) <= len(WORDS) + 1
     assert text_of(events) == TEXT
     done = events[-1].run_completed
     assert done.output == TEXT
@@ -72,10 +74,11 @@ async def test_resume_from_a_middle_sequence_continues_without_gap_or_repeat(sta
     rest = await collect(stack, run_id, after=first[-1].sequence)
 
     events = first + rest
-    assert [e.sequence for e in events] == list(range(1, len(WORDS) + 2))
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert text_of(events) == TEXT
     # A finished run replays the same events from any point.
-    assert await collect(stack, run_id, after=20) == events[20:]
+    middle = len(events) // 2
+    assert await collect(stack, run_id, after=middle) == events[middle:]
     assert await collect(stack, run_id, after=events[-1].sequence) == []
 
 
@@ -140,14 +143,14 @@ async def test_start_rejects_bad_fields(stack: Stack, start: pb.StartRunRequest,
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stack.client.stub.StartRun(start)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raised.value.details().startswith(f"{field}:")
+    assert details(raised.value).startswith(f"{field}:")
 
 
 async def test_unknown_agent_is_not_found(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stack.client.start_run("no-such-agent", "hi")
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "no-such-agent" in raised.value.details()
+    assert "no-such-agent" in details(raised.value)
 
 
 async def test_unknown_run_is_not_found_everywhere(stack: Stack) -> None:
@@ -160,7 +163,7 @@ async def test_unknown_run_is_not_found_everywhere(stack: Stack) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "run-missing" in raised.value.details()
+        assert "run-missing" in details(raised.value)
 
 
 async def test_run_requests_reject_bad_fields(stack: Stack) -> None:
@@ -177,7 +180,7 @@ async def test_run_requests_reject_bad_fields(stack: Stack) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert raised.value.details().startswith(prefix)
+        assert details(raised.value).startswith(prefix)
 
 
 async def test_cancel_stops_the_run_promptly(stack: Stack) -> None:

@@ -9,38 +9,41 @@ code would break runs already in flight.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import openai
 import redis.asyncio as redis
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
-from agentrun._dev import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
+from devstack.stack import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
+from shared.agents import load_agents
+from shared.contract import ApprovalAnswer, Decision, RunInput
+from shared.settings import Settings
 from worker import offline_model
-from worker.agents import load_agents
-from worker.settings import Settings
 from worker.worker import build_worker
-from worker.workflows import AgentRunWorkflow, ApprovalDecision, RunInput
+from worker.workflows import AgentRunWorkflow
 
 HERE = Path(__file__).parent
 AGENTS = load_agents(HERE.parent / "agents.yaml")
 
 
-async def cancel_soon(handle: WorkflowHandle) -> None:
+async def cancel_soon(handle: WorkflowHandle[Any, Any]) -> None:
     await asyncio.sleep(1)
     await handle.cancel(reason="recorded cancellation")
 
 
-async def approve_first(handle: WorkflowHandle) -> None:
+async def approve_first(handle: WorkflowHandle[Any, Any]) -> None:
     for _ in range(100):
         approvals = (await (await handle.describe()).memo()).get("approvals", [])
         if approvals:
-            decision = ApprovalDecision(approvals[0]["approval_id"], "approve", "recorder", "fine")
+            decision = ApprovalAnswer(approvals[0]["approval_id"], Decision.APPROVE, "recorder", "fine")
             try:
                 await handle.execute_update(AgentRunWorkflow.decide_approval, decision)
                 return
@@ -49,17 +52,16 @@ async def approve_first(handle: WorkflowHandle) -> None:
         await asyncio.sleep(0.05)
 
 
-def call(name: str, **arguments: object) -> dict:
+def call(name: str, **arguments: object) -> dict[str, Any]:
     return {"tool_calls": [{"name": name, "arguments": arguments}]}
 
 
 @dataclass
 class Scenario:
     agent: str
-    steps: list[dict]
+    steps: list[dict[str, Any]]
     conversation_id: str = ""
-    act: Callable[[WorkflowHandle], Awaitable[None]] | None = None
-    extra: dict = field(default_factory=dict)
+    act: Callable[[WorkflowHandle[Any, Any]], Awaitable[None]] | None = None
 
 
 SCENARIOS = {
@@ -81,6 +83,20 @@ SCENARIOS = {
     "run_timed_out": Scenario("hasty", [{"text": "slow " * 200, "delay_ms": 20}]),
     "structured_output": Scenario("json", [{"text": '{"city": "Oslo", "population": 700000}'}]),
 }
+
+
+def without_stack_traces(history_json: str) -> str:
+    """The history without the failures' stack traces: they name paths of the recording machine, and replay
+    does not read them."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: "" if key == "stackTrace" else scrub(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        return value
+
+    return json.dumps(scrub(json.loads(history_json)), indent=2) + "\n"
 
 
 async def main() -> None:
@@ -122,7 +138,7 @@ async def main() -> None:
                     except WorkflowFailureError:
                         pass
                     history = await handle.fetch_history()
-                    (HERE / "histories" / f"{name}.json").write_text(history.to_json())
+                    (HERE / "histories" / f"{name}.json").write_text(without_stack_traces(history.to_json()))
                     print(f"recorded {name}")
         await redis_client.aclose()
     await runner.cleanup()

@@ -12,7 +12,12 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from openai.types.chat import ChatCompletionChunk
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+    ChatCompletionToolParam,
+)
 
 from worker.offline_model import MODEL_KEY, serve, tokenize
 
@@ -120,6 +125,7 @@ async def test_non_streaming_reply_and_usage(client: openai.AsyncOpenAI) -> None
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == 2
     assert completion.usage.completion_tokens == len(tokenize(choice.message.content))
+    assert completion.usage.prompt_tokens_details is not None
     assert completion.usage.prompt_tokens_details.cached_tokens == 0
 
 
@@ -192,7 +198,7 @@ async def test_parallel_tool_calls_non_streaming(
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
-    tool_calls = choice.message.tool_calls or []
+    tool_calls = [t for t in choice.message.tool_calls or [] if isinstance(t, ChatCompletionMessageFunctionToolCall)]
     assert [(t.function.name, json.loads(t.function.arguments)) for t in tool_calls] == [
         ("a", {"x": 1}),
         ("b", {}),
@@ -312,8 +318,11 @@ async def test_in_process_scripting_via_runner_app() -> None:
 
 
 async def test_without_a_script_it_uses_the_calculator_when_offered(client: openai.AsyncOpenAI) -> None:
-    calculator = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
-    asked = [{"role": "user", "content": "What is 12 * (3 + 4)?"}]
+    calculator: ChatCompletionToolParam = {
+        "type": "function",
+        "function": {"name": "calculator", "parameters": {"type": "object"}},
+    }
+    asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is 12 * (3 + 4)?"}]
 
     call = await client.chat.completions.create(model="offline", messages=asked, tools=[calculator])
     plain = await client.chat.completions.create(model="offline", messages=asked)
@@ -323,7 +332,8 @@ async def test_without_a_script_it_uses_the_calculator_when_offered(client: open
         tools=[calculator],
     )
 
-    tool_call = call.choices[0].message.tool_calls[0]
+    tool_call = (call.choices[0].message.tool_calls or [])[0]
+    assert isinstance(tool_call, ChatCompletionMessageFunctionToolCall)
     assert tool_call.function.name == "calculator"
     assert json.loads(tool_call.function.arguments) == {"expression": "12 * (3 + 4)"}
     assert plain.choices[0].message.content == "I am the offline model. You said: What is 12 * (3 + 4)?"

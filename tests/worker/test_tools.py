@@ -109,7 +109,7 @@ class Opaque:
     [Opaque, "set[int]", "int | str", "dict[int, str]", "Literal[1.5j]", "list[Opaque]"],
 )
 def test_unsupported_annotation_names_the_parameter(annotation: object) -> None:
-    def f(bad):
+    def f(bad):  # type: ignore[no-untyped-def]
         """F."""
 
     f.__annotations__ = {"bad": annotation}
@@ -118,7 +118,7 @@ def test_unsupported_annotation_names_the_parameter(annotation: object) -> None:
 
 
 def test_missing_annotation_names_the_parameter() -> None:
-    def f(plain):
+    def f(plain):  # type: ignore[no-untyped-def]
         """F."""
 
     with pytest.raises(TypeError, match="parameter 'plain' of f needs a type annotation"):
@@ -223,7 +223,7 @@ async def test_run_sync_tool_in_a_thread_with_context() -> None:
 
 async def test_run_async_tool_gets_the_idempotency_key() -> None:
     @tool
-    async def charge(amount: int, ctx: ToolContext) -> dict:
+    async def charge(amount: int, ctx: ToolContext) -> dict[str, object]:
         """Charge."""
         await asyncio.sleep(0)
         return {"amount": amount, "key": ctx.idempotency_key}

@@ -1,4 +1,8 @@
-"""The ``agentrun`` command line: the dev stack, the two services, and a client for runs."""
+"""The ``agentrun`` command line: a client for runs.
+
+Installed with the service distribution, it also has the service's commands (``dev``, ``server``, ``worker``),
+which that distribution adds through the ``agentrun.commands`` entry point.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import os
 import sys
 import threading
 from datetime import UTC
+from importlib.metadata import entry_points
 from typing import Any, TextIO
 
 import grpc
@@ -21,7 +26,8 @@ from agentrun.client import AgentRunClient
 from agentrun.v1 import agent_service_pb2 as pb
 
 DEFAULT_SERVER = os.environ.get("AGENTRUN_SERVER", "127.0.0.1:50051")
-DEMO_PROMPT = "In two sentences: why run an LLM agent as a durable workflow?"
+# Each entry point names a function that adds commands to the parser's subcommands.
+COMMANDS_ENTRY_POINT = "agentrun.commands"
 # Tool results and errors are shown on one line each, cut to this many characters.
 BRIEF_CHARS = 200
 
@@ -362,16 +368,6 @@ async def _client_command(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentrun", description="Durable LLM agent runs over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
-    dev = commands.add_parser("dev", help="start Temporal, Redis, the worker and the server, and stream a demo run")
-    dev.add_argument("--port", type=int, default=50051, help="gRPC port of the server")
-    dev.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the Temporal dev server")
-    dev.add_argument("--ui-port", type=int, default=8233, help="port of Temporal's web UI")
-    dev.add_argument("--prompt", default=DEMO_PROMPT, help="the demo run's prompt")
-    dev.add_argument("--once", action="store_true", help="stop after the demo run instead of serving")
-    server = commands.add_parser("server", help="run the gRPC server (TEMPORAL_ADDRESS, REDIS_URL, ...)")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=50051)
-    commands.add_parser("worker", help="run the worker service (TEMPORAL_ADDRESS, REDIS_URL, OPENAI_* ...)")
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
@@ -413,40 +409,17 @@ def _parser() -> argparse.ArgumentParser:
     cancel = client_command("cancel", "cancel a run")
     cancel.add_argument("run_id")
     cancel.add_argument("--reason", default="")
+    # The service distribution adds its commands (dev, server, worker) here; the client works without them.
+    for entry_point in entry_points(group=COMMANDS_ENTRY_POINT):
+        entry_point.load()(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.command in ("server", "worker") else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    if args.command == "worker":
-        from worker.settings import Settings
-        from worker.worker import run_worker
-
-        asyncio.run(run_worker(Settings.from_env()))
-        return
-    if args.command == "server":
-        from agent_service.server import run_server
-        from worker.settings import Settings
-
-        asyncio.run(run_server(Settings.from_env(), port=args.port, host=args.host))
-        return
-    if args.command == "dev":
-        from agentrun._dev import run_dev
-
-        asyncio.run(
-            run_dev(
-                port=args.port,
-                temporal_port=args.temporal_port,
-                ui_port=args.ui_port,
-                demo_prompt=args.prompt,
-                once=args.once,
-            )
-        )
-        return
+    if hasattr(args, "main"):  # a command that the service distribution added
+        sys.exit(args.main(args))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         sys.exit(asyncio.run(_client_command(args)))
     except grpc.aio.AioRpcError as err:

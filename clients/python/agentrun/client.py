@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -54,7 +54,7 @@ class AgentRunClient:
 
     async def stream_run(
         self, run_id: str, *, after_sequence: int = 0, max_reconnects: int = 10
-    ) -> AsyncIterator[pb.RunEvent]:
+    ) -> AsyncGenerator[pb.RunEvent]:
         """Yields the run's events to its terminal event, reconnecting where it left off if the connection drops."""
         reconnects = 0
         while True:

@@ -1,10 +1,12 @@
-"""Agent definitions: the configuration file that the server and the worker both read."""
+"""Agent definitions: the configuration file that the server reads to start runs.
+
+A run carries a snapshot of its agent's definition, taken when it starts, so editing the file changes new runs
+only. The worker reads the file too, to refuse to start when an agent names a tool it does not have.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +74,6 @@ class AgentConfig:
     def run_timeout_seconds(self) -> float:
         return self.timeout_seconds if self.timeout_seconds is not None else MODE_TIMEOUTS[self.mode]
 
-    def fingerprint(self) -> str:
-        """A short hash of the whole definition, to notice a server and a worker that disagree."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
 
 _FIELDS = {f.name for f in fields(AgentConfig)} - {"name"}
 _APPROVAL_FIELDS = {f.name for f in fields(ApprovalPolicy)}
@@ -113,8 +110,7 @@ def _agent(name: str, spec: Any) -> AgentConfig:
         raise ValueError(f"has unknown keys {sorted(unknown)}")
     if not isinstance(spec.get("model"), str) or not spec["model"]:
         raise ValueError("needs a 'model' name")
-    # YAML reads "0" as an int; Temporal's converter gives back a float. Normalize
-    # so that the server's and the worker's fingerprints agree.
+    # YAML reads "0" as an int; the dataclass says float, which is what Temporal's converter gives back.
     for key in ("temperature", "top_p", "timeout_seconds"):
         if isinstance(spec.get(key), int):
             spec[key] = float(spec[key])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import redis.asyncio as redis
 
 from agentrun.v1 import agent_service_pb2 as pb
-from worker.run_stream import RunStreamWriter, new_event, read_next, read_range, stream_key
-from worker.settings import Settings
+from shared import events
+from shared.contract import RunEnd, RunOutcome
+from shared.run_stream import RunStreamWriter, read_next, read_range, stream_key
+from shared.settings import Settings
 
 
 def delta(text: str) -> pb.RunEvent:
-    return new_event(text_delta=pb.TextDelta(text=text))
+    return events.text_delta(text)
 
 
 async def test_sequences_are_the_stream_ids_and_have_no_gaps(settings: Settings, redis_client: redis.Redis) -> None:
@@ -18,10 +20,10 @@ async def test_sequences_are_the_stream_ids_and_have_no_gaps(settings: Settings,
     first = await writer.append("r1", [delta("a"), delta("b")], floor=0)
     second = await writer.append("r1", [delta("c")], floor=0)
 
-    events = await read_range(redis_client, settings.redis_prefix, "r1", 0)
+    stored = await read_range(redis_client, settings.redis_prefix, "r1", 0)
 
     assert (first.last_sequence, second.last_sequence) == (2, 3)
-    assert [(e.sequence, e.text_delta.text) for e in events] == [(1, "a"), (2, "b"), (3, "c")]
+    assert [(e.sequence, e.text_delta.text) for e in stored] == [(1, "a"), (2, "b"), (3, "c")]
     assert [e.sequence for e in await read_range(redis_client, settings.redis_prefix, "r1", 2)] == [3]
     assert 0 < await redis_client.ttl(stream_key(settings.redis_prefix, "r1")) <= 60
 
@@ -38,7 +40,7 @@ async def test_a_floor_keeps_numbering_past_a_lost_stream(settings: Settings, re
 async def test_a_terminal_event_closes_the_stream(settings: Settings, redis_client: redis.Redis) -> None:
     writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
     await writer.append("r3", [delta("a")], floor=0)
-    done = new_event(run_completed=pb.RunCompleted(output="a"))
+    done = events.run_ended(RunOutcome(RunEnd.COMPLETED, output="a"))
 
     first = await writer.append("r3", [done], floor=1)
     retried = await writer.append("r3", [done], floor=1)
@@ -47,8 +49,8 @@ async def test_a_terminal_event_closes_the_stream(settings: Settings, redis_clie
     assert first.last_sequence == 2 and not first.closed
     assert retried.last_sequence == 2 and retried.closed
     assert late.closed
-    events = await read_range(redis_client, settings.redis_prefix, "r3", 0)
-    assert [e.WhichOneof("kind") for e in events] == ["text_delta", "run_completed"]
+    stored = await read_range(redis_client, settings.redis_prefix, "r3", 0)
+    assert [e.WhichOneof("kind") for e in stored] == ["text_delta", "run_completed"]
 
 
 async def test_read_next_waits_for_new_events(settings: Settings, redis_client: redis.Redis) -> None:
@@ -56,9 +58,9 @@ async def test_read_next_waits_for_new_events(settings: Settings, redis_client: 
     assert await read_next(redis_client, settings.redis_prefix, "r4", 0, block_ms=10) == []
     await writer.append("r4", [delta("a"), delta("b")], floor=0)
 
-    events = await read_next(redis_client, settings.redis_prefix, "r4", 1, block_ms=10)
+    stored = await read_next(redis_client, settings.redis_prefix, "r4", 1, block_ms=10)
 
-    assert [e.text_delta.text for e in events] == ["b"]
+    assert [e.text_delta.text for e in stored] == ["b"]
 
 
 async def test_a_batch_with_a_once_key_is_published_once(settings: Settings, redis_client: redis.Redis) -> None:
@@ -69,5 +71,5 @@ async def test_a_batch_with_a_once_key_is_published_once(settings: Settings, red
     other = await writer.append("r5", [delta("c")], floor=0, once="batch-2")
 
     assert (first.last_sequence, again.last_sequence, other.last_sequence) == (2, 2, 3)
-    events = await read_range(redis_client, settings.redis_prefix, "r5", 0)
-    assert [e.text_delta.text for e in events] == ["a", "b", "c"]
+    stored = await read_range(redis_client, settings.redis_prefix, "r5", 0)
+    assert [e.text_delta.text for e in stored] == ["a", "b", "c"]

@@ -20,8 +20,8 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from agentrun.client import TERMINAL_KINDS
 from agentrun.v1 import agent_service_pb2 as pb
+from shared.events import is_terminal
 
 # Appends a batch atomically. The sequence continues from the larger of the stream's
 # last entry and the caller's floor, so a stream that Redis lost mid-run never
@@ -84,17 +84,6 @@ def _marker(event: pb.RunEvent) -> str:
     if event.HasField("approval_decided"):
         return "-" + event.approval_decided.approval_id
     return ""
-
-
-def new_event(**kind: object) -> pb.RunEvent:
-    """A RunEvent stamped with the current time; ``kind`` is one oneof field, e.g. text_delta=..."""
-    event = pb.RunEvent(**kind)  # type: ignore[arg-type]
-    event.time.GetCurrentTime()
-    return event
-
-
-def is_terminal(event: pb.RunEvent) -> bool:
-    return event.WhichOneof("kind") in TERMINAL_KINDS
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import random
 import pytest
 import redis.asyncio as redis
 
-from worker.conversations import ConversationStore, Message, active_key, messages_key, runs_key
-from worker.settings import Settings
+from shared.conversations import ConversationStore, Message, active_key, messages_key, runs_key
+from shared.settings import Settings
 
 CONV = "conv-1"
 
@@ -64,7 +64,7 @@ async def test_append_stores_only_what_the_run_has_not_stored(
     assert await store.append(CONV, "r1", messages, ttl_seconds=60) == 4
 
     assert await store.messages(CONV) == messages
-    raw = await redis_client.lrange(messages_key(settings.redis_prefix, CONV), 0, -1)  # type: ignore[misc]
+    raw = await redis_client.lrange(messages_key(settings.redis_prefix, CONV), 0, -1)
     assert [json.loads(item) for item in raw] == [{"run_id": "r1", "message": m} for m in messages]
 
 

@@ -7,16 +7,31 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2
+
 log = logging.getLogger("agentrun.dev")
+
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+STARTUP_TIMEOUT_SECONDS = 60
 
 # The dev server reads new workflow tasks at most 20 times a second per shard by
 # default, which adds up to 50 ms to every workflow step; see the README.
 TEMPORAL_FAST_DISPATCH = ["--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000"]
+
+
+def free_port() -> int:
+    """A port that nothing listens on now (another process may take it before it is used)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def temporal_executable() -> str:
@@ -68,7 +83,7 @@ async def run_dev(*, port: int, temporal_port: int, ui_port: int, demo_prompt: s
     from agent_service.server import run_server
     from agentrun.cli import print_stream
     from agentrun.client import AgentRunClient
-    from worker.settings import Settings, stop_on_signals
+    from shared.settings import Settings, stop_on_signals
     from worker.worker import run_worker
 
     stop = stop_on_signals()
@@ -91,7 +106,8 @@ async def run_dev(*, port: int, temporal_port: int, ui_port: int, demo_prompt: s
         ]
         try:
             async with AgentRunClient(f"127.0.0.1:{port}") as client:
-                await _wait_until_serving(client, services)
+                async with asyncio.timeout(STARTUP_TIMEOUT_SECONDS):
+                    await wait_until_serving(client.channel, still_starting=lambda: _raise_if_any_ended(services))
                 print(f"AgentService         127.0.0.1:{port}  (gRPC, health and reflection)\n")
                 print(f"demo> {demo_prompt}")
                 run_id = await client.start_run("assistant", demo_prompt)
@@ -106,18 +122,30 @@ async def run_dev(*, port: int, temporal_port: int, ui_port: int, demo_prompt: s
             await asyncio.gather(*services, return_exceptions=True)
 
 
-async def _wait_until_serving(client, services: list[asyncio.Task]) -> None:  # type: ignore[no-untyped-def]
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+async def wait_until_serving(channel: grpc.aio.Channel, *, still_starting: Callable[[], None] = lambda: None) -> None:
+    """Waits until the server's health service says SERVING; bound it with ``asyncio.timeout``.
 
-    health = health_pb2_grpc.HealthStub(client.channel)
+    ``still_starting`` is called between checks and raises when what starts the server has died, so a failed
+    start reports its own error instead of a timeout.
+    """
+    check = channel.unary_unary(
+        HEALTH_CHECK_METHOD,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
     while True:
-        for task in services:
-            if task.done():
-                task.result()  # a service that died on start-up reports why
+        still_starting()
         try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            reply = await check(health_pb2.HealthCheckRequest(service=""), timeout=1)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
-        except Exception:
+        except grpc.aio.AioRpcError:
             pass
         await asyncio.sleep(0.1)
+
+
+def _raise_if_any_ended(services: list[asyncio.Task[None]]) -> None:
+    for task in services:
+        if task.done():
+            task.result()  # a service that died on start-up reports why
+            raise RuntimeError(f"the {task.get_name()} stopped during start-up")

@@ -1,0 +1,113 @@
+"""The one place where an exception becomes a gRPC status: no call ever answers UNKNOWN.
+
+Handlers raise ``ApiError`` for a request that cannot be served as asked; an outage of Temporal or Redis
+becomes UNAVAILABLE naming the dependency; anything else is INTERNAL, logged once with its traceback, and the
+caller gets an id to quote instead of Python's exception text.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+import redis.exceptions
+from temporalio.client import RPCTimeoutOrCancelledError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.service import RPCError, RPCStatusCode
+
+log = logging.getLogger("agentrun.server")
+
+
+class ApiError(Exception):
+    """A request answered with a status other than OK; the message is fit for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(field: str, problem: str) -> ApiError:
+    """INVALID_ARGUMENT naming the field and what is wrong with it."""
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
+
+
+def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a caller sees for an exception."""
+    if isinstance(err, ApiError):
+        return err.code, err.message
+    if isinstance(err, RPCError):
+        if err.status == RPCStatusCode.RESOURCE_EXHAUSTED:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, "Temporal is overloaded; retry later"
+        return grpc.StatusCode.UNAVAILABLE, f"Temporal is unavailable ({err.status.name}); retry later"
+    if isinstance(err, RPCTimeoutOrCancelledError | WorkflowUpdateRPCTimeoutOrCancelledError):
+        return grpc.StatusCode.UNAVAILABLE, "Temporal did not answer in time; retry later"
+    if isinstance(err, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return grpc.StatusCode.UNAVAILABLE, "Redis is unavailable; retry later"
+    incident = uuid.uuid4().hex[:12]
+    log.exception("internal error %s", incident, exc_info=err)
+    return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has the details"
+
+
+if TYPE_CHECKING:  # the stubs make these generic; at run time they are plain classes
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+    Handler = grpc.RpcMethodHandler
+UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+
+
+def _unary(behavior: UnaryBehavior) -> UnaryBehavior:
+    async def wrapped(request: Any, context: Context) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise  # the handler chose its status itself
+        except Exception as err:
+            await context.abort(*status_of(err))
+
+    return wrapped
+
+
+def _streaming(behavior: StreamBehavior) -> StreamBehavior:
+    async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise  # the handler chose its status itself
+        except Exception as err:
+            await context.abort(*status_of(err))
+
+    return wrapped
+
+
+class ErrorMapping(grpc.aio.ServerInterceptor):
+    """Maps what a handler raises to a status, for every method of the server."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        # The stubs describe the synchronous server; under grpc.aio the behaviors are coroutine functions.
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(cast(UnaryBehavior, handler.unary_unary)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(cast(StreamBehavior, handler.unary_stream)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,261 @@
+"""The types that cross the Temporal boundary between the gRPC server, the workflow and its activities.
+
+Every workflow and activity takes one dataclass, so fields can be added without breaking histories: a field
+that an older history lacks takes its default. Enums are string enums whose values are the strings earlier
+histories hold. Nothing here imports ``openai``, ``redis`` or the tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from shared.agents import AgentConfig
+
+# The server starts and updates the workflow by these names, without importing the workflow's code.
+WORKFLOW_NAME = "AgentRunWorkflow"
+DECIDE_APPROVAL_UPDATE = "decide_approval"
+
+# Memo keys the workflow writes and the server reads back: they outlive the run's Redis stream.
+MEMO_AGENT = "agent"
+MEMO_CONVERSATION = "conversation_id"
+MEMO_LAST_SEQUENCE = "last_sequence"
+MEMO_APPROVALS = "approvals"
+
+# The approver recorded when an approval's deadline decides it.
+TIMEOUT_APPROVER = "agentrun:timeout"
+
+
+class ToolCallStatus(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DENIED = "denied"
+
+
+class Decision(StrEnum):
+    PENDING = ""
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+class RunEnd(StrEnum):
+    """How a run ended; the values are the names of the terminal events."""
+
+    COMPLETED = "run_completed"
+    FAILED = "run_failed"
+    CANCELLED = "run_cancelled"
+
+
+class ErrorType(StrEnum):
+    """The ``type`` of the ApplicationErrors that the workflow and the activities raise."""
+
+    # Approve answers: the server maps these to NOT_FOUND and FAILED_PRECONDITION.
+    APPROVAL_NOT_FOUND = "ApprovalNotFound"
+    APPROVAL_CONFLICT = "ApprovalConflict"
+    # Why a run failed.
+    RUN_TIMED_OUT = "RunTimedOut"
+    APPROVAL_TIMED_OUT = "ApprovalTimedOut"
+    INVALID_OUTPUT = "InvalidOutput"
+    ACTIVITY_FAILED = "ActivityFailed"
+    # A model endpoint refused the request in a way that another attempt cannot fix.
+    MODEL_REJECTED = "ModelRejected"
+    # A worker lacks a tool that the run's agent snapshot needs, or has a different version of it.
+    SNAPSHOT_UNSUPPORTED = "SnapshotUnsupported"
+
+
+@dataclass
+class Usage:
+    """Tokens spent by model calls."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+            self.total_tokens + other.total_tokens,
+        )
+
+
+@dataclass
+class RunInput:
+    """Everything a run needs, fixed when it starts: the agent definition is a snapshot."""
+
+    run_id: str
+    agent: AgentConfig
+    input: str
+    conversation_id: str = ""
+
+
+@dataclass
+class RunResult:
+    """The final answer, its cost, and the sequence number of the run's terminal event."""
+
+    output: str
+    usage: Usage = field(default_factory=Usage)
+    last_sequence: int = 0
+    structured_output: Any = None
+
+
+@dataclass
+class Approval:
+    """An approval request of the run and, once given, its decision."""
+
+    approval_id: str
+    call_id: str
+    tool_name: str
+    arguments: str
+    arguments_sha256: str
+    deadline: str  # RFC 3339, UTC
+    sequence: int = 0
+    decision: Decision = Decision.PENDING
+    approver: str = ""
+    reason: str = ""
+    timed_out: bool = False
+
+
+@dataclass
+class ApprovalAnswer:
+    """An answer to an approval request, sent by Approve as a workflow update."""
+
+    approval_id: str
+    decision: Decision
+    approver: str
+    reason: str = ""
+    # When set, the answer applies only to a request with exactly these arguments.
+    arguments_sha256: str = ""
+
+
+@dataclass
+class ToolCallRequest:
+    """A tool call the model made; ``error`` is set when it cannot run (unknown tool, bad arguments)."""
+
+    call_id: str
+    name: str
+    arguments: str
+    error: str = ""
+    needs_approval: bool = False
+
+
+@dataclass
+class CallModelInput:
+    """One model round of a run.
+
+    ``messages`` are the run's own messages so far (its user message first); ``after_sequence`` is the last
+    event the workflow knows was published.
+    """
+
+    run_id: str
+    agent: AgentConfig
+    messages: list[dict[str, Any]]
+    after_sequence: int
+    round: int = 0
+    conversation_id: str = ""
+    # The last round the agent may take: the model is told to answer without tools.
+    final_round: bool = False
+    # The agents from the run's root to the one calling, stamped on every event.
+    agent_path: list[str] = field(default_factory=list)
+    # The tools' schema digests that the run's first round used; empty in the first round.
+    tool_digests: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ModelReply:
+    """What the model answered, what it cost, and the last event sequence the round published."""
+
+    text: str
+    usage: Usage
+    last_sequence: int
+    # The assistant message to add to the run's messages.
+    message: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[ToolCallRequest] = field(default_factory=list)
+    # With an output schema: the parsed answer, or why it does not fit the schema.
+    structured_output: Any = None
+    output_error: str = ""
+    # The schema digest of every tool of the agent, as this round offered them: the run's tool snapshot.
+    tool_digests: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunToolInput:
+    """One tool call to execute."""
+
+    run_id: str
+    call_id: str
+    name: str
+    arguments: str
+    after_sequence: int
+    agent_path: list[str] = field(default_factory=list)
+    # The tool's schema digest in the run's snapshot; empty for runs that predate snapshots of tools.
+    tool_digest: str = ""
+
+
+@dataclass
+class ToolOutcome:
+    """How a tool call ended: completed with a result, or failed with an error for the model."""
+
+    status: ToolCallStatus
+    result: str = ""
+    error: str = ""
+    last_sequence: int = 0
+
+
+@dataclass
+class ToolCallEnd:
+    """The end of a tool call that the workflow itself decides: denied, or not run."""
+
+    call_id: str
+    tool_name: str
+    status: ToolCallStatus
+    error: str = ""
+
+
+@dataclass
+class WorkflowEvent:
+    """An event that the workflow produces itself; exactly one field is set."""
+
+    tool_call_finished: ToolCallEnd | None = None
+    approval_requested: Approval | None = None
+    approval_decided: Approval | None = None
+
+
+@dataclass
+class PublishEventsInput:
+    """Events from the workflow for the run's stream; ``once`` names the batch so a retried publish adds nothing."""
+
+    run_id: str
+    after_sequence: int
+    events: list[WorkflowEvent]
+    once: str
+    agent_path: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended, as its terminal event tells it."""
+
+    end: RunEnd
+    output: str = ""
+    usage: Usage = field(default_factory=Usage)
+    structured_output: Any = None
+    error: str = ""
+    reason: str = ""
+
+
+@dataclass
+class PublishOutcomeInput:
+    """The run's terminal event, published when the run ends."""
+
+    run_id: str
+    after_sequence: int
+    outcome: RunOutcome
+    # The run's conversation, released for the next run once the run has ended.
+    conversation_id: str = ""
+    agent_path: list[str] = field(default_factory=list)
