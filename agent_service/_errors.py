@@ -8,8 +8,11 @@ caller gets an id to quote instead of Python's exception text.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -17,7 +20,18 @@ import redis.exceptions
 from temporalio.client import RPCTimeoutOrCancelledError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
+from agent_service._relay import RelayUnavailable
+
 log = logging.getLogger("agentrun.server")
+
+if TYPE_CHECKING:  # the stubs make these generic; at run time they are plain classes
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+    Handler = grpc.RpcMethodHandler
+UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
 
 
 class ApiError(Exception):
@@ -27,6 +41,28 @@ class ApiError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# When the call being served must be answered by (monotonic clock), so that calls to Temporal give up in time
+# to answer UNAVAILABLE rather than let the caller's deadline pass.
+_DEADLINE: ContextVar[float] = ContextVar("deadline")
+# Temporal calls of a request without a deadline give up after this long.
+DEFAULT_TEMPORAL_TIMEOUT_SECONDS = 10.0
+# Time kept back from the caller's deadline to send the answer.
+_ANSWER_MARGIN_SECONDS = 0.05
+
+
+def temporal_timeout(at_most: float = DEFAULT_TEMPORAL_TIMEOUT_SECONDS) -> timedelta:
+    """How long a Temporal call made for the current request may take."""
+    deadline = _DEADLINE.get(None)
+    left = at_most if deadline is None else deadline - time.monotonic() - _ANSWER_MARGIN_SECONDS
+    return timedelta(seconds=max(0.01, min(left, at_most)))
+
+
+def _remember_deadline(context: Context) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None:
+        _DEADLINE.set(time.monotonic() + remaining)
 
 
 def invalid(field: str, problem: str) -> ApiError:
@@ -46,23 +82,16 @@ def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, "Temporal did not answer in time; retry later"
     if isinstance(err, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return grpc.StatusCode.UNAVAILABLE, "Redis is unavailable; retry later"
+    if isinstance(err, RelayUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"{err}; resume the stream (on another server if there is one)"
     incident = uuid.uuid4().hex[:12]
     log.exception("internal error %s", incident, exc_info=err)
     return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has the details"
 
 
-if TYPE_CHECKING:  # the stubs make these generic; at run time they are plain classes
-    Context = grpc.aio.ServicerContext[Any, Any]
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Context = grpc.aio.ServicerContext
-    Handler = grpc.RpcMethodHandler
-UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
-StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
-
-
 def _unary(behavior: UnaryBehavior) -> UnaryBehavior:
     async def wrapped(request: Any, context: Context) -> Any:
+        _remember_deadline(context)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -75,6 +104,7 @@ def _unary(behavior: UnaryBehavior) -> UnaryBehavior:
 
 def _streaming(behavior: StreamBehavior) -> StreamBehavior:
     async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+        _remember_deadline(context)
         try:
             async for response in behavior(request, context):
                 yield response

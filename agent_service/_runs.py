@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import FailureError
 
+from agent_service._errors import temporal_timeout
 from agentrun.v1 import agent_service_pb2 as pb
 from shared import events
 from shared.contract import (
@@ -34,12 +36,28 @@ _STATES = {
 }
 
 
+_END_STATES = {
+    RunEnd.COMPLETED: pb.RUN_STATE_COMPLETED,
+    RunEnd.FAILED: pb.RUN_STATE_FAILED,
+    RunEnd.CANCELLED: pb.RUN_STATE_CANCELLED,
+}
+
+
 @dataclass
 class Ended:
-    """How a finished run ended, as Temporal recorded it."""
+    """How a finished run ended: as Temporal recorded it, or as its terminal event announced it."""
 
     outcome: RunOutcome
-    result: RunResult | None = None
+    # Set when Temporal has not recorded the end yet: the time of the terminal event.
+    announced_at: datetime | None = None
+
+    @classmethod
+    def announced(cls, terminal: pb.RunEvent) -> Ended:
+        return cls(events.outcome_of(terminal), terminal.time.ToDatetime(tzinfo=UTC))
+
+    @property
+    def state(self) -> pb.RunState.ValueType:
+        return _END_STATES[self.outcome.end]
 
 
 def handle(client: Client, run_id: str) -> WorkflowHandle[object, RunResult]:
@@ -67,15 +85,16 @@ async def ended(client: Client, execution: WorkflowExecution) -> Ended:
     if execution.status == WorkflowExecutionStatus.CANCELED:
         return Ended(RunOutcome(RunEnd.CANCELLED))
     try:
-        result = await handle(client, execution.id).result(follow_runs=False)
+        result = await handle(client, execution.id).result(follow_runs=False, rpc_timeout=temporal_timeout())
     except WorkflowFailureError as err:
         cause = err.cause
         message = cause.message if isinstance(cause, FailureError) else str(cause)
         return Ended(RunOutcome(RunEnd.FAILED, error=message))
-    outcome = RunOutcome(
-        RunEnd.COMPLETED, output=result.output, usage=result.usage, structured_output=result.structured_output
+    return Ended(
+        RunOutcome(
+            RunEnd.COMPLETED, output=result.output, usage=result.usage, structured_output=result.structured_output
+        )
     )
-    return Ended(outcome, result)
 
 
 async def approvals(execution: WorkflowExecution) -> list[Approval]:
@@ -114,14 +133,19 @@ async def to_run(
             run.state = pb.RUN_STATE_WAITING_FOR_APPROVAL
     if execution.close_time is not None:
         run.end_time.CopyFrom(events.timestamp(execution.close_time))
-    if finished is not None:
-        run.error = finished.outcome.error
-        if finished.result is not None:
-            completed = events.run_ended(finished.outcome).run_completed
-            run.output = completed.output
-            run.usage.CopyFrom(completed.usage)
-            if completed.HasField("structured_output"):
-                run.structured_output.CopyFrom(completed.structured_output)
+    if finished is None:
+        return run
+    run.state = finished.state
+    run.pending_approvals.clear()
+    if finished.announced_at is not None and execution.close_time is None:
+        run.end_time.CopyFrom(events.timestamp(finished.announced_at))
+    run.error = finished.outcome.error
+    if finished.outcome.end == RunEnd.COMPLETED:
+        completed = events.run_ended(finished.outcome).run_completed
+        run.output = completed.output
+        run.usage.CopyFrom(completed.usage)
+        if completed.HasField("structured_output"):
+            run.structured_output.CopyFrom(completed.structured_output)
     return run
 
 

@@ -17,13 +17,20 @@ import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from temporalio.client import Client, WorkflowExecution, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowExecution,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
+)
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from agent_service import _runs
-from agent_service._errors import ApiError, Context, ErrorMapping, invalid
+from agent_service._errors import ApiError, Context, ErrorMapping, invalid, temporal_timeout
+from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 from shared import events
@@ -41,7 +48,7 @@ from shared.contract import (
 )
 from shared.conversations import ConversationStore
 from shared.events import is_terminal
-from shared.run_stream import pending_approvals, read_next, read_range, stream_exists
+from shared.run_stream import last_event, pending_approvals, read_range, stream_exists
 from shared.settings import Settings, connect_redis, connect_temporal, stop_on_signals
 
 log = logging.getLogger("agentrun.server")
@@ -51,11 +58,22 @@ MAX_INPUT_BYTES = 1 << 20
 MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-# A live stream checks Temporal this often while no event arrives, so it still
-# ends when Redis lost a run's terminal event. It must stay below redis-py's
-# socket timeout (5 s), which also bounds a blocking XREAD.
-IDLE_CHECK_MS = 2000
-CLOSE_WAIT_SECONDS = 5.0
+# Approve waits this long for a worker to take the decision before it answers UNAVAILABLE.
+APPROVE_ACCEPT_SECONDS = 5.0
+# Runs asked about in one Temporal visibility query when the relay looks for runs that ended quietly.
+ENDED_QUERY_BATCH = 200
+# Grace for unary calls in flight when the server stops; streams end at once with UNAVAILABLE.
+SHUTDOWN_GRACE_SECONDS = 10.0
+# Set on purpose rather than left to gRPC's defaults: ping idle clients so that a dead one frees its streams,
+# accept clients' keepalive pings every 10 s, and cap messages at 4 MiB (the largest input is 1 MiB).
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.max_send_message_length", 4 << 20),
+]
 # The workflow enforces each run's timeout; Temporal's own limit only catches a stuck run.
 RUN_TIMEOUT_GRACE_SECONDS = 60
 MAX_REASON_LENGTH = 2000
@@ -64,6 +82,7 @@ _APPROVAL_ERRORS = {
     ErrorType.APPROVAL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
 }
+_ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
 
@@ -75,6 +94,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self._redis = redis_client
         self._agents = agents
         self._conversations = ConversationStore(redis_client, settings.redis_prefix)
+        self.relay = StreamRelay(settings.redis_url, redis_client, settings.redis_prefix, self._ended_runs)
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         if not request.agent:
@@ -116,6 +136,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 # A backstop only: the workflow enforces the run's timeout itself and ends cleanly.
                 execution_timeout=timedelta(seconds=agent.run_timeout_seconds() + RUN_TIMEOUT_GRACE_SECONDS),
                 memo={MEMO_AGENT: agent.name, MEMO_CONVERSATION: conversation},
+                rpc_timeout=temporal_timeout(),
             )
         except WorkflowAlreadyStartedError:
             # The first run with this request_id has already finished.
@@ -152,81 +173,86 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if request.after_sequence < 0:
             raise invalid("after_sequence", "must not be negative")
         run_id, after = request.run_id, request.after_sequence
-        prefix = self._settings.redis_prefix
-        if after > 0:
-            # A client that reconnects gets the approval requests still waiting for
-            # an answer again, even those it saw before it went away.
-            for approval in await self._pending_approvals(run_id):
-                if approval.sequence <= after:
-                    yield pb.StreamRunResponse(
-                        event=pb.RunEvent(sequence=approval.sequence, approval_requested=approval)
-                    )
-        batch = await read_range(self._redis, prefix, run_id, after)
-        while True:
-            if not batch:
-                # Nothing new in Redis: the run may be unknown, just starting,
-                # waiting, or its stream may be gone. Temporal knows which.
-                remaining = await self._remaining_if_finished(run_id, after)
-                if remaining is None:
-                    batch = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
-                    continue
-                if not remaining:
+        async with self.relay.watch(run_id) as watch:
+            if after > 0:
+                # A client that reconnects gets the approval requests still waiting for
+                # an answer again, even those it saw before it went away.
+                for approval in await self._pending_approvals(run_id):
+                    if approval.sequence <= after:
+                        yield pb.StreamRunResponse(
+                            event=pb.RunEvent(sequence=approval.sequence, approval_requested=approval)
+                        )
+            if not await stream_exists(self._redis, self._settings.redis_prefix, run_id):
+                # The run may be unknown, just starting, or ended with its stream gone: Temporal knows which.
+                execution = await self._describe(run_id)
+                if _runs.is_finished(execution):
+                    for response in await self._rest_of_ended_run(execution, after):
+                        yield response
                     return
-                batch = remaining
-            for event in batch:
-                if is_terminal(event):
-                    await self._until_closed(run_id)
-                yield pb.StreamRunResponse(event=event)
+            async for event in watch.follow(after):
+                for response in _responses(event, after):
+                    yield response
                 after = event.sequence
                 if is_terminal(event):
                     return
-            batch = await read_next(self._redis, prefix, run_id, after, block_ms=IDLE_CHECK_MS)
+            # Temporal says the run has ended, and Redis has no terminal event for it.
+            for response in await self._rest_of_ended_run(await self._describe(run_id), after):
+                yield response
 
-    async def _remaining_if_finished(self, run_id: str, after: int) -> list[pb.RunEvent] | None:
-        """None while the run goes on; once it has ended, the events left to send, ending with its terminal
-        event, which is rebuilt from Temporal's record when Redis no longer has it."""
-        execution = await self._describe(run_id)
-        if not _runs.is_finished(execution):
-            return None
-        batch = await read_range(self._redis, self._settings.redis_prefix, run_id, after)
-        if not any(is_terminal(e) for e in batch):
-            terminal = await self._rebuilt_terminal(execution, after if not batch else batch[-1].sequence)
-            batch += [terminal] if terminal is not None else []
-        return batch
-
-    async def _until_closed(self, run_id: str) -> None:
-        """Waits briefly for Temporal to record the end that the terminal event announces.
-
-        The workflow publishes its terminal event just before it completes; waiting
-        here means a client that saw the stream end also sees the final state in GetRun.
-        """
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(_runs.handle(self._temporal, run_id).result(follow_runs=False), CLOSE_WAIT_SECONDS)
+    async def _rest_of_ended_run(self, execution: WorkflowExecution, after: int) -> list[pb.StreamRunResponse]:
+        """The responses left for a finished run: what Redis still has, and then its terminal event, rebuilt from
+        Temporal's record when Redis no longer has it."""
+        prefix = self._settings.redis_prefix
+        responses = []
+        terminal_sent = False
+        while batch := await read_range(self._redis, prefix, execution.id, after, count=CATCH_UP_BATCH):
+            for event in batch:
+                responses += _responses(event, after)
+                after = event.sequence
+                terminal_sent = is_terminal(event)
+        if not terminal_sent:
+            terminal = await _runs.terminal_event(execution, await _runs.ended(self._temporal, execution))
+            if terminal.sequence == 0:  # the run ended without publishing one (timeout, termination)
+                terminal.sequence = after + 1
+            if terminal.sequence > after:
+                responses += _responses(terminal, after)
+        return responses
 
     async def _pending_approvals(
         self, run_id: str, execution: WorkflowExecution | None = None
     ) -> list[pb.ApprovalRequested]:
-        """Pending approval requests: Redis has them the moment they are published, the memo once Redis lost them."""
+        """Pending approval requests: Redis has them the moment they are published, the memo once Redis lost them
+        (or while Redis is down)."""
         prefix = self._settings.redis_prefix
-        pending = await pending_approvals(self._redis, prefix, run_id)
-        if pending or await stream_exists(self._redis, prefix, run_id):
-            for event in pending:
-                event.approval_requested.sequence = event.sequence
-            return [event.approval_requested for event in pending]
+        try:
+            pending = await pending_approvals(self._redis, prefix, run_id)
+            if pending or await stream_exists(self._redis, prefix, run_id):
+                for event in pending:
+                    event.approval_requested.sequence = event.sequence
+                return [event.approval_requested for event in pending]
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
         return await _runs.memo_pending_approvals(execution or await self._describe(run_id))
 
-    async def _rebuilt_terminal(self, execution: WorkflowExecution, after: int) -> pb.RunEvent | None:
-        """The terminal event from Temporal's record, or None when the caller has already seen it."""
-        event = await _runs.terminal_event(execution, await _runs.ended(self._temporal, execution))
-        if event.sequence == 0:  # the run ended without publishing one (timeout, termination)
-            event.sequence = after + 1
-        return event if event.sequence > after else None
+    async def _ended_runs(self, run_ids: list[str]) -> set[str]:
+        """Which of ``run_ids`` have ended, per Temporal's visibility store: one query per batch of runs."""
+        ended = set()
+        for start in range(0, len(run_ids), ENDED_QUERY_BATCH):
+            # Run ids are checked against _ID_PATTERN, so they need no quoting beyond the quotes.
+            ids = ", ".join(f"'{run_id}'" for run_id in run_ids[start : start + ENDED_QUERY_BATCH])
+            query = f"WorkflowId IN ({ids}) AND ExecutionStatus IN ({_ENDED_STATUSES})"
+            async for execution in self._temporal.list_workflows(query, page_size=ENDED_QUERY_BATCH):
+                ended.add(execution.id)
+        return ended
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         _check_id("run_id", request.run_id, required=True)
         execution = await self._describe(request.run_id)
         if _runs.is_finished(execution):
             return pb.GetRunResponse(run=await _runs.to_run(execution, await _runs.ended(self._temporal, execution)))
+        announced = await self._announced_end(execution.id)
+        if announced is not None:
+            return pb.GetRunResponse(run=await _runs.to_run(execution, _runs.Ended.announced(announced)))
         pending = await self._pending_approvals(execution.id, execution)
         return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending))
 
@@ -235,14 +261,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if len(request.reason) > MAX_REASON_LENGTH:
             raise invalid("reason", f"must be at most {MAX_REASON_LENGTH} characters")
         execution = await self._describe(request.run_id)
-        if _runs.is_finished(execution):
-            if _runs.state(execution) == pb.RUN_STATE_CANCELLED:
-                return pb.CancelRunResponse()  # cancelling twice is harmless
+        state = await self._final_state(execution)
+        if state == pb.RUN_STATE_CANCELLED:
+            return pb.CancelRunResponse()  # cancelling twice is harmless
+        if state is not None:
             raise ApiError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"run {request.run_id!r} has already ended ({pb.RunState.Name(_runs.state(execution))})",
+                f"run {request.run_id!r} has already ended ({pb.RunState.Name(state)})",
             )
-        await _runs.handle(self._temporal, request.run_id).cancel(reason=request.reason)
+        await _runs.handle(self._temporal, request.run_id).cancel(reason=request.reason, rpc_timeout=temporal_timeout())
         return pb.CancelRunResponse()
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
@@ -256,6 +283,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}'",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
             next_page_token=token,
+            rpc_timeout=temporal_timeout(),
         )
         try:
             await page.fetch_next_page()
@@ -279,15 +307,29 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("arguments_sha256", "must be 64 lowercase hexadecimal digits")
         approver = approver_of(context)
         execution = await self._describe(request.run_id)
-        if _runs.is_finished(execution):
+        if await self._final_state(execution) is not None:
             raise _already_ended(request.run_id)
         answer = ApprovalAnswer(
             request.approval_id, decision, approver, request.reason, arguments_sha256=request.arguments_sha256
         )
+        handle = _runs.handle(self._temporal, request.run_id)
         try:
-            approval = await _runs.handle(self._temporal, request.run_id).execute_update(
-                DECIDE_APPROVAL_UPDATE, answer, result_type=Approval
+            update = await handle.start_update(
+                DECIDE_APPROVAL_UPDATE,
+                answer,
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                result_type=Approval,
+                rpc_timeout=temporal_timeout(at_most=APPROVE_ACCEPT_SECONDS),
             )
+            approval = await update.result(rpc_timeout=temporal_timeout())
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            # Temporal keeps the update and delivers it when a worker polls again, so it is not lost.
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no worker took the decision for run {request.run_id!r} in time (is a worker serving task queue "
+                f"{self._settings.task_queue!r}?); Temporal keeps it and applies it when a worker returns, unless "
+                "the approval is decided otherwise first; send the same decision again to learn the outcome",
+            ) from None
         except WorkflowUpdateFailedError as err:
             cause = err.cause
             if isinstance(cause, ApplicationError) and cause.type in _APPROVAL_ERRORS:
@@ -301,10 +343,30 @@ class AgentService(pb_grpc.AgentServiceServicer):
             decision=events.decision_to_proto(approval.decision), approver=approval.approver, reason=approval.reason
         )
 
+    async def _announced_end(self, run_id: str) -> pb.RunEvent | None:
+        """The run's terminal event when its stream has it.
+
+        The workflow publishes its terminal event a moment before Temporal records the end, and the stream sends
+        it at once: a client that saw it must find the run ended in every call it makes next. Without Redis, only
+        Temporal's record counts.
+        """
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            last = await last_event(self._redis, self._settings.redis_prefix, run_id)
+            if last is not None and is_terminal(last):
+                return last
+        return None
+
+    async def _final_state(self, execution: WorkflowExecution) -> pb.RunState.ValueType | None:
+        """How the run ended, by Temporal's record or by its announced end; None while it goes on."""
+        if _runs.is_finished(execution):
+            return _runs.state(execution)
+        announced = await self._announced_end(execution.id)
+        return _runs.Ended.announced(announced).state if announced is not None else None
+
     async def _find(self, run_id: str) -> WorkflowExecution | None:
         """The run's workflow execution; None when there is no run with this id."""
         try:
-            execution = await _runs.handle(self._temporal, run_id).describe()
+            execution = await _runs.handle(self._temporal, run_id).describe(rpc_timeout=temporal_timeout())
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 return None
@@ -333,6 +395,15 @@ def approver_of(context: Context) -> str:
     )
 
 
+def _responses(event: pb.RunEvent, after: int) -> list[pb.StreamRunResponse]:
+    """The event for a client that has seen up to ``after``; first an events_lost for numbers it cannot get."""
+    responses = []
+    if event.sequence > after + 1:
+        responses.append(pb.StreamRunResponse(event=events.events_lost(after + 1, event.sequence - 1)))
+    responses.append(pb.StreamRunResponse(event=event))
+    return responses
+
+
 def _already_ended(run_id: str) -> ApiError:
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run_id!r} has already ended")
 
@@ -354,12 +425,13 @@ async def serve(
     temporal: Client | None = None,
     redis_client: redis.Redis | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Starts the server; port 0 picks a free port. Returns the server and its port."""
+    """Starts the server; port 0 picks a free port. Returns the server and its port; stop it with ``shutdown``."""
     agents = load_agents(settings.agents_file)
     temporal = temporal or await connect_temporal(settings)
-    redis_client = redis_client or connect_redis(settings)
-    server = grpc.aio.server(interceptors=[ErrorMapping()])
-    pb_grpc.add_AgentServiceServicer_to_server(AgentService(settings, temporal, redis_client, agents), server)
+    redis_client = redis_client or connect_redis(settings, wait_out_outages=False)
+    server = grpc.aio.server(interceptors=[ErrorMapping()], options=SERVER_OPTIONS)
+    service = AgentService(settings, temporal, redis_client, agents)
+    pb_grpc.add_AgentServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -368,16 +440,24 @@ async def serve(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+    await service.relay.start()
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    _RUNNING[server] = (health_servicer, service.relay)
     return server, bound
 
 
-async def shutdown(server: grpc.aio.Server, grace: float = 10.0) -> None:
-    """Stops taking calls (health says NOT_SERVING first) and lets calls in flight finish for ``grace`` seconds."""
-    await server.health_servicer.enter_graceful_shutdown()  # type: ignore[attr-defined]
+# What shutdown() needs of each server that serve() started.
+_RUNNING: dict[grpc.aio.Server, tuple[health.aio.HealthServicer, StreamRelay]] = {}
+
+
+async def shutdown(server: grpc.aio.Server, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    """Stops the server the documented way: health says NOT_SERVING, open streams end at once with UNAVAILABLE (a
+    client resumes on another replica), and unary calls in flight get ``grace`` seconds to finish."""
+    health_servicer, relay = _RUNNING.pop(server)
+    await health_servicer.enter_graceful_shutdown()
+    await relay.close()
     await server.stop(grace)
 
 

@@ -60,6 +60,10 @@ class ErrorType(StrEnum):
     ACTIVITY_FAILED = "ActivityFailed"
     # A model endpoint refused the request in a way that another attempt cannot fix.
     MODEL_REJECTED = "ModelRejected"
+    # A model endpoint could not answer now (unreachable, overloaded, rate limited): retried.
+    MODEL_UNAVAILABLE = "ModelUnavailable"
+    # Redis stayed unreachable for longer than the worker waits: retried.
+    STREAM_UNAVAILABLE = "StreamUnavailable"
     # A worker lacks a tool that the run's agent snapshot needs, or has a different version of it.
     SNAPSHOT_UNSUPPORTED = "SnapshotUnsupported"
 

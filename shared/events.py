@@ -141,6 +141,37 @@ def workflow_event(spec: WorkflowEvent) -> pb.RunEvent:
     raise ValueError("a WorkflowEvent must set one field")
 
 
+def events_lost(first_sequence: int, last_sequence: int) -> pb.RunEvent:
+    """Stands for the events from ``first_sequence`` to ``last_sequence`` that the server no longer has."""
+    event = _event(events_lost=pb.EventsLost(first_sequence=first_sequence))
+    event.sequence = last_sequence
+    return event
+
+
+def outcome_of(event: pb.RunEvent) -> RunOutcome:
+    """The outcome that a terminal event announces (the inverse of ``run_ended``)."""
+    end = RunEnd(event.WhichOneof("kind") or "")  # a ValueError for an event that does not end a run
+    if end == RunEnd.CANCELLED:
+        return RunOutcome(end, reason=event.run_cancelled.reason)
+    if end == RunEnd.FAILED:
+        return RunOutcome(end, error=event.run_failed.error)
+    completed = event.run_completed
+    return RunOutcome(
+        end,
+        output=completed.output,
+        usage=Usage(
+            completed.usage.prompt_tokens,
+            completed.usage.completion_tokens,
+            completed.usage.cached_tokens,
+            completed.usage.reasoning_tokens,
+            completed.usage.total_tokens,
+        ),
+        structured_output=(
+            json_format.MessageToDict(completed.structured_output) if completed.HasField("structured_output") else None
+        ),
+    )
+
+
 def run_ended(outcome: RunOutcome, *, sequence: int = 0, at: datetime | None = None) -> pb.RunEvent:
     """The terminal event: built by the workflow's last activity, or rebuilt by the server from Temporal."""
     if outcome.end == RunEnd.COMPLETED:

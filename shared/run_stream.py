@@ -1,15 +1,16 @@
 """The Redis layout of a run's live event stream, written by the worker and read by the server.
 
-Each run has one Redis stream. An entry's id is ``<sequence>-0``, so the sequence
-numbers that clients see are the stream ids: strictly increasing, without gaps,
-and resumable with a plain XREAD after ``<after_sequence>-0``. The entry holds the
-serialized ``agentrun.v1.RunEvent`` without its sequence. The entry of the terminal
-event carries a ``t`` field; once it is there, the stream takes no more events,
-which makes a retried publish of the terminal event harmless.
+Each run has one Redis stream. An entry's id is ``<sequence>-0``, so the sequence numbers that clients see are the
+stream ids: strictly increasing and resumable with a plain XRANGE after ``<after_sequence>-0``. The entry holds the
+serialized ``agentrun.v1.RunEvent`` without its sequence. The entry of the terminal event carries a ``t`` field; once
+it is there, the stream takes no more events, which makes a retried publish of the terminal event harmless.
 
-Beside the stream, a hash maps each approval request still waiting for an answer
-to the sequence of its event. The script that publishes the request or its
-decision updates it, so a reconnecting client never misses a pending request.
+The script that appends an entry also publishes it on the run's sharded pub/sub channel as ``<sequence>:<event>``, so
+a server follows any number of runs over one subscription and reads the stream only to catch up.
+
+Beside the stream, a hash maps each approval request still waiting for an answer to the sequence of its event. The
+script that publishes the request or its decision updates it, so a reconnecting client never misses a pending request.
+Another hash remembers the last batch of each writer, so that a retried append adds nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import redis.asyncio as redis
 from agentrun.v1 import agent_service_pb2 as pb
 from shared.events import is_terminal
 
-# Appends a batch atomically. The sequence continues from the larger of the stream's
-# last entry and the caller's floor, so a stream that Redis lost mid-run never
-# reuses a sequence number that a client may already have seen.
+# Appends a batch atomically. The sequence continues from the larger of the stream's last entry and the caller's
+# floor, so a stream that Redis lost mid-run never reuses a sequence number that a client may already have seen.
+# KEYS: stream, writers' last batches, pending approvals, channel. ARGV: floor, ttl, terminal ("1" or "0"), writer,
+# batch, then pairs of (marker, event).
 _APPEND = """
 local last = 0
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -36,15 +38,16 @@ if #top > 0 then
     if entry[i] == 't' then return {last, 1} end
   end
 end
--- A batch with a "once" key is written at most once: a retried activity that
--- already published it adds nothing.
-if ARGV[4] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[4], 1) == 0 then
-  return {last, 0}
+-- A writer's batch is written at most once: a retry of the command, or of an activity that already
+-- published it, finds the batch recorded as the writer's last and adds nothing.
+if ARGV[4] ~= '' then
+  if redis.call('HGET', KEYS[2], ARGV[4]) == ARGV[5] then return {last, 0} end
+  redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
 local seq = math.max(last, tonumber(ARGV[1]))
--- Then pairs of (marker, payload); a marker "+id" or "-id" adds or removes a pending approval.
-for i = 5, #ARGV, 2 do
+-- A marker "+id" or "-id" adds or removes a pending approval.
+for i = 6, #ARGV, 2 do
   seq = seq + 1
   if i + 1 == #ARGV and ARGV[3] == '1' then
     redis.call('XADD', KEYS[1], seq .. '-0', 'e', ARGV[i + 1], 't', '1')
@@ -59,23 +62,33 @@ for i = 5, #ARGV, 2 do
   elseif string.sub(marker, 1, 1) == '-' then
     redis.call('HDEL', KEYS[3], string.sub(marker, 2))
   end
+  redis.call('SPUBLISH', KEYS[4], seq .. ':' .. ARGV[i + 1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {seq, 0}
 """
 
 
+def _key(prefix: str, run_id: str, name: str) -> str:
+    # The braces are a cluster hash tag: every key and the channel of one run land on one node.
+    return f"{prefix}run:{{{run_id}}}:{name}"
+
+
 def stream_key(prefix: str, run_id: str) -> str:
-    # The braces are a cluster hash tag: every key of one run lands on one node.
-    return f"{prefix}run:{{{run_id}}}:events"
+    return _key(prefix, run_id, "events")
 
 
-def _once_key(prefix: str, run_id: str) -> str:
-    return f"{prefix}run:{{{run_id}}}:published"
+def channel(prefix: str, run_id: str) -> str:
+    """The sharded pub/sub channel that carries the run's new entries."""
+    return _key(prefix, run_id, "live")
+
+
+def _writers_key(prefix: str, run_id: str) -> str:
+    return _key(prefix, run_id, "published")
 
 
 def _pending_key(prefix: str, run_id: str) -> str:
-    return f"{prefix}run:{{{run_id}}}:pending-approvals"
+    return _key(prefix, run_id, "pending-approvals")
 
 
 def _marker(event: pb.RunEvent) -> str:
@@ -84,6 +97,14 @@ def _marker(event: pb.RunEvent) -> str:
     if event.HasField("approval_decided"):
         return "-" + event.approval_decided.approval_id
     return ""
+
+
+def decode_published(message: bytes) -> pb.RunEvent:
+    """The event of a message on a run's channel."""
+    sequence, _, payload = message.partition(b":")
+    event = pb.RunEvent.FromString(payload)
+    event.sequence = int(sequence)
+    return event
 
 
 @dataclass(frozen=True)
@@ -110,12 +131,13 @@ class RunStreamWriter:
         *,
         floor: int,
         agent_path: Sequence[str] = (),
-        once: str = "",
+        writer: str = "",
+        batch: str = "1",
     ) -> AppendResult:
         """Appends ``events`` in order, stamped with the agent that emitted them; a terminal event may only come last.
 
-        With ``once``, a batch published before under the same key is not
-        published again.
+        With ``writer``, the append is idempotent: a batch that is already the writer's last is not published again.
+        A writer that publishes once needs no ``batch``; one that publishes many batches names each.
         """
         for event in events:
             event.agent_path[:] = agent_path
@@ -124,16 +146,21 @@ class RunStreamWriter:
         last, closed = await self._append(
             keys=[
                 stream_key(self._prefix, run_id),
-                _once_key(self._prefix, run_id),
+                _writers_key(self._prefix, run_id),
                 _pending_key(self._prefix, run_id),
+                channel(self._prefix, run_id),
             ],
-            args=[floor, self._ttl, "1" if terminal else "0", once, *pairs],
+            args=[floor, self._ttl, "1" if terminal else "0", writer, batch, *pairs],
         )
         return AppendResult(int(last), bool(closed))
 
     async def read_after(self, run_id: str, after_sequence: int) -> list[pb.RunEvent]:
         """Everything already in the stream after a sequence number (used to resume a retried call)."""
         return await read_range(self._client, self._prefix, run_id, after_sequence)
+
+    async def last_sequence(self, run_id: str) -> int:
+        """The sequence of the stream's last entry; 0 when Redis has no stream for the run."""
+        return await last_sequence(self._client, self._prefix, run_id)
 
 
 def _decode(entries: Any) -> list[pb.RunEvent]:
@@ -145,18 +172,24 @@ def _decode(entries: Any) -> list[pb.RunEvent]:
     return events
 
 
-async def read_range(client: redis.Redis, prefix: str, run_id: str, after_sequence: int) -> list[pb.RunEvent]:
-    entries = await client.xrange(stream_key(prefix, run_id), min=f"({after_sequence}-0", max="+")
+async def read_range(
+    client: redis.Redis, prefix: str, run_id: str, after_sequence: int, *, count: int | None = None
+) -> list[pb.RunEvent]:
+    """The events after a sequence number, oldest first; at most ``count`` of them."""
+    entries = await client.xrange(stream_key(prefix, run_id), min=f"({after_sequence}-0", max="+", count=count)
     return _decode(entries)
 
 
-async def read_next(
-    client: redis.Redis, prefix: str, run_id: str, after_sequence: int, *, block_ms: int, count: int = 512
-) -> list[pb.RunEvent]:
-    """Waits up to ``block_ms`` for events after ``after_sequence``; an empty list means none came."""
-    key = stream_key(prefix, run_id)
-    reply: Any = await client.xread({key: f"{after_sequence}-0"}, count=count, block=block_ms)
-    return _decode(reply[0][1]) if reply else []
+async def last_event(client: redis.Redis, prefix: str, run_id: str) -> pb.RunEvent | None:
+    """The stream's last event; None when Redis has no stream for the run."""
+    entries = await client.xrevrange(stream_key(prefix, run_id), max="+", min="-", count=1)
+    decoded = _decode(entries)
+    return decoded[0] if decoded else None
+
+
+async def last_sequence(client: redis.Redis, prefix: str, run_id: str) -> int:
+    event = await last_event(client, prefix, run_id)
+    return event.sequence if event is not None else 0
 
 
 async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:

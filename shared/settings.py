@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 from dataclasses import dataclass
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from temporalio.client import Client
 
 OFFLINE_API_KEY = "offline"
@@ -30,6 +33,8 @@ class Settings:
     stream_ttl_seconds: int = 24 * 3600
     # Modules whose top-level tools the worker registers beside the built-ins.
     tool_modules: tuple[str, ...] = ()
+    # How long the worker waits out a Redis outage before an append fails (and Temporal retries the activity).
+    redis_outage_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -45,6 +50,7 @@ class Settings:
             "openai_api_key": env.get("OPENAI_API_KEY") or None,
             "stream_ttl_seconds": int(env.get("AGENTRUN_STREAM_TTL_SECONDS", cls.stream_ttl_seconds)),
             "tool_modules": tuple(m.strip() for m in env.get("AGENTRUN_TOOL_MODULES", "").split(",") if m.strip()),
+            "redis_outage_seconds": float(env.get("AGENTRUN_REDIS_OUTAGE_SECONDS", cls.redis_outage_seconds)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -54,8 +60,35 @@ async def connect_temporal(settings: Settings) -> Client:
     return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
 
 
-def connect_redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url)
+# Connections a process opens to Redis at most; more callers wait for a free one instead of failing.
+REDIS_MAX_CONNECTIONS = 64
+# A command waits this long for a free connection, and for Redis to answer.
+REDIS_TIMEOUT_SECONDS = 5.0
+# Backoff between attempts while Redis is unreachable: 0.5 to 1 s once the first few have failed.
+_OUTAGE_BACKOFF_CAP_SECONDS = 1.0
+
+
+def connect_redis(settings: Settings, *, wait_out_outages: bool) -> redis.Redis:
+    """A Redis client with its pool and retries set on purpose.
+
+    The worker waits out an outage of about ``settings.redis_outage_seconds``: each command retries with backoff,
+    and every append the worker makes is idempotent, so a retry after a lost reply adds nothing. The server fails
+    fast instead (one retry), so that a caller hears UNAVAILABLE within its deadline.
+    """
+    if wait_out_outages:
+        attempts = max(1, math.ceil(settings.redis_outage_seconds / (0.75 * _OUTAGE_BACKOFF_CAP_SECONDS)))
+        retry = Retry(EqualJitterBackoff(cap=_OUTAGE_BACKOFF_CAP_SECONDS, base=0.05), attempts)
+    else:
+        retry = Retry(NoBackoff(), 1)
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_TIMEOUT_SECONDS,
+        socket_timeout=REDIS_TIMEOUT_SECONDS,
+        socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        retry=retry,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -19,7 +19,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from agent_service.server import serve
+from agent_service.server import serve, shutdown
 from agentrun.client import AgentRunClient
 from devstack.stack import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
 from shared.agents import load_agents
@@ -148,5 +148,5 @@ async def stack(
         async with AgentRunClient(address) as client:
             stack = Stack(client, settings, temporal_env.client, redis_client, model, address, llm, worker, running)
             yield stack
-        await server.stop(None)
+        await shutdown(server, grace=0)
         await stack.stop()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import jsonschema
 import openai
+import redis.asyncio as redis
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.completion_usage import CompletionUsage
 from temporalio import activity
@@ -45,14 +49,19 @@ FINAL_ROUND_NOTE = (
 # call), so that the history sent to the model stays well-formed.
 MISSING_RESULT = "No result: the run ended before this tool call finished."
 
-# Client errors that another attempt cannot fix.
-_PERMANENT_MODEL_ERRORS = (
-    openai.BadRequestError,
-    openai.AuthenticationError,
-    openai.PermissionDeniedError,
-    openai.NotFoundError,
-    openai.UnprocessableEntityError,
-)
+# After Redis lost a run's stream while a model call died, the retry continues this far past the last sequence
+# it knows of; more events than this cannot have been published between two heartbeats.
+LOST_SEQUENCE_MARGIN = 10_000
+# Statuses with which a model endpoint says "not now" rather than "never": retried, after Retry-After if given.
+_RETRYABLE_MODEL_STATUSES = frozenset({408, 409, 429})
+
+
+@dataclass
+class _Resumed:
+    """Where a model call's text continues: after ``floor``, skipping text that an earlier attempt published."""
+
+    floor: int
+    already_sent: str = ""
 
 
 class _TextPublisher:
@@ -64,15 +73,17 @@ class _TextPublisher:
     the new reply agrees with it.
     """
 
-    def __init__(
-        self, writer: RunStreamWriter, run_id: str, after_sequence: int, agent_path: list[str], already_sent: str
-    ) -> None:
+    def __init__(self, writer: RunStreamWriter, input: CallModelInput, resumed: _Resumed) -> None:
         self._writer = writer
-        self._run_id = run_id
-        self._agent_path = agent_path
-        self._already_sent = already_sent
+        self._run_id = input.run_id
+        self._agent_path = input.agent_path
+        # Each batch is named, so that Redis adds nothing when a lost reply makes the client send it again.
+        self._name = f"model:{input.round}"
+        self._batch_prefix = f"{activity.info().attempt}:"
+        self._batches = 0
+        self._already_sent = resumed.already_sent
         self._position = 0
-        self.last_sequence = after_sequence
+        self.last_sequence = resumed.floor
         # The run has ended (it was cancelled): nobody reads further text.
         self.closed = False
         self._pending: list[str] = []
@@ -106,8 +117,14 @@ class _TextPublisher:
             self._wake.clear()
             if self._pending:
                 text, self._pending = "".join(self._pending), []
+                self._batches += 1
                 result = await self._writer.append(
-                    self._run_id, [events.text_delta(text)], floor=self.last_sequence, agent_path=self._agent_path
+                    self._run_id,
+                    [events.text_delta(text)],
+                    floor=self.last_sequence,
+                    agent_path=self._agent_path,
+                    writer=self._name,
+                    batch=f"{self._batch_prefix}{self._batches}",
                 )
                 self.last_sequence, self.closed = result.last_sequence, result.closed
             if self._done and not self._pending:
@@ -157,12 +174,16 @@ class _StreamedReply:
 
 
 @contextlib.asynccontextmanager
-async def _heartbeating() -> AsyncIterator[None]:
-    """Heartbeats while the block runs, even when it waits on a silent model or a slow tool."""
+async def _heartbeating(published: Callable[[], int] | None = None) -> AsyncIterator[None]:
+    """Heartbeats while the block runs, even when it waits on a silent model or a slow tool.
+
+    ``published`` gives the last sequence published so far: it goes with each heartbeat, so that the next attempt,
+    or the workflow after a failure, knows a floor for the run's sequence numbers even if Redis lost the stream.
+    """
 
     async def beat() -> None:
         while True:
-            activity.heartbeat()
+            activity.heartbeat(*([published()] if published else []))
             await asyncio.sleep(HEARTBEAT_INTERVAL_SECONDS)
 
     task = asyncio.create_task(beat())
@@ -192,13 +213,12 @@ class RunActivities:
         """Streams one model reply, publishing its text to the run's stream as it arrives."""
         agent = input.agent
         tool_digests = self._check_tools(agent, input.tool_digests)
-        messages = await self._model_messages(input)
-        publisher = _TextPublisher(
-            self._stream, input.run_id, input.after_sequence, input.agent_path, await self._already_sent(input)
-        )
+        resumed = await self._resume(input)
+        publisher = _TextPublisher(self._stream, input, resumed)
         streamed = _StreamedReply()
         try:
-            async with _heartbeating():
+            messages = await self._model_messages(input)
+            async with _heartbeating(lambda: publisher.last_sequence):
                 response = await self._model.chat.completions.create(
                     model=agent.model,
                     messages=cast("list[ChatCompletionMessageParam]", messages),
@@ -213,14 +233,12 @@ class RunActivities:
                     if publisher.closed:
                         break
                 await publisher.close()
-        except _PERMANENT_MODEL_ERRORS as err:
-            await publisher.abandon()
-            raise ApplicationError(
-                f"model rejected the request: {err}", type=ErrorType.MODEL_REJECTED, non_retryable=True
-            ) from err
-        except BaseException:
+        except asyncio.CancelledError:
             await publisher.abandon()
             raise
+        except Exception as err:
+            await publisher.abandon()
+            raise _failure(err, publisher.last_sequence) from err
         reply = ModelReply(
             text="".join(streamed.text),
             usage=streamed.usage,
@@ -246,12 +264,21 @@ class RunActivities:
             )
         return digests
 
-    async def _already_sent(self, input: CallModelInput) -> str:
-        """The text that earlier attempts of this model call published."""
-        if activity.info().attempt == 1:
-            return ""
+    async def _resume(self, input: CallModelInput) -> _Resumed:
+        """Where a model call continues the run's stream: after what earlier attempts of it published."""
+        info = activity.info()
+        if info.attempt == 1:
+            return _Resumed(floor=input.after_sequence)
+        published = [d for d in info.heartbeat_details if isinstance(d, int)]
+        floor = max([input.after_sequence, *published])
+        stored = await self._stream.last_sequence(input.run_id)
+        if stored < floor:
+            # Redis lost events that an earlier attempt published, and this attempt cannot know exactly how many
+            # it published after its last heartbeat: numbers past a wide margin were surely never used.
+            return _Resumed(floor=floor + LOST_SEQUENCE_MARGIN)
         earlier = await self._stream.read_after(input.run_id, input.after_sequence)
-        return "".join(event.text_delta.text for event in earlier if event.HasField("text_delta"))
+        text = "".join(event.text_delta.text for event in earlier if event.HasField("text_delta"))
+        return _Resumed(floor=max(floor, stored), already_sent=text)
 
     async def _model_messages(self, input: CallModelInput) -> list[dict[str, Any]]:
         agent = input.agent
@@ -281,7 +308,7 @@ class RunActivities:
                 [events.tool_call_started(call) for call in reply.tool_calls],
                 floor=reply.last_sequence,
                 agent_path=input.agent_path,
-                once=f"started:{input.round}",
+                writer=f"started:{input.round}",
             )
             reply.last_sequence = result.last_sequence
         elif agent.output_schema is not None:
@@ -342,7 +369,7 @@ class RunActivities:
             [events.tool_call_finished(input.call_id, input.name, outcome)],
             floor=input.after_sequence,
             agent_path=input.agent_path,
-            once=f"finished:{input.call_id}",
+            writer=f"finished:{input.call_id}",
         )
         outcome.last_sequence = published.last_sequence
         return outcome
@@ -355,7 +382,7 @@ class RunActivities:
             [events.workflow_event(event) for event in input.events],
             floor=input.after_sequence,
             agent_path=input.agent_path,
-            once=input.once,
+            writer=input.once,
         )
         return result.last_sequence
 
@@ -368,6 +395,48 @@ class RunActivities:
         if input.conversation_id:
             await self._conversations.release_active_run(input.conversation_id, input.run_id)
         return result.last_sequence
+
+
+def _failure(err: Exception, published: int) -> ApplicationError:
+    """The error a failed model call reports, retried as its cause means: a model endpoint's 408, 409, 429 and 5xx
+    after the Retry-After it sends, its other answers not at all. The details carry the last sequence the call
+    published, so that the workflow keeps numbering above it even if Redis lost the stream."""
+    if isinstance(err, openai.APIStatusError):
+        status = err.status_code
+        if status in _RETRYABLE_MODEL_STATUSES or status >= 500:
+            return ApplicationError(
+                f"the model endpoint answered {status}: {err.message}",
+                published,
+                type=ErrorType.MODEL_UNAVAILABLE,
+                next_retry_delay=_retry_after(err.response.headers),
+            )
+        return ApplicationError(
+            f"model rejected the request: {err.message}", published, type=ErrorType.MODEL_REJECTED, non_retryable=True
+        )
+    if isinstance(err, openai.APIConnectionError):  # including timeouts
+        return ApplicationError(
+            f"the model endpoint is unreachable: {err}", published, type=ErrorType.MODEL_UNAVAILABLE
+        )
+    if isinstance(err, ApplicationError):
+        return ApplicationError(err.message, published, type=err.type, non_retryable=err.non_retryable)
+    if isinstance(err, redis.ConnectionError | redis.TimeoutError):
+        return ApplicationError("Redis is unavailable", published, type=ErrorType.STREAM_UNAVAILABLE)
+    return ApplicationError(f"{type(err).__name__}: {err}", published, type=type(err).__name__)
+
+
+def _retry_after(headers: Mapping[str, str]) -> timedelta | None:
+    """The delay a model endpoint asks for (``retry-after-ms``, or ``retry-after`` in seconds or as a date); the
+    headers are the response's, whose names match in any case."""
+    with contextlib.suppress(ValueError):
+        if "retry-after-ms" in headers:
+            return timedelta(milliseconds=max(0.0, float(headers["retry-after-ms"])))
+        if "retry-after" in headers:
+            value = headers["retry-after"]
+            with contextlib.suppress(ValueError):
+                return timedelta(seconds=max(0.0, float(value)))
+            moment = email.utils.parsedate_to_datetime(value)
+            return max(timedelta(0), moment - datetime.now(UTC))
+    return None
 
 
 def _offers_tools(input: CallModelInput) -> bool:

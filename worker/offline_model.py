@@ -63,6 +63,8 @@ class Step:
     first_delay_ms: float = 0.0
     error_status: int | None = None
     error_message: str = ""
+    # Sent as the error's Retry-After header (seconds), as a rate-limited endpoint does.
+    retry_after: float | None = None
     disconnect_after_chunks: int | None = None
 
 
@@ -131,6 +133,7 @@ def parse_step(raw: Any, where: str = "step") -> Step:
 
     error_status: int | None = None
     error_message = ""
+    retry_after: float | None = None
     if "error" in raw:
         error = raw["error"]
         status = error.get("status") if isinstance(error, dict) else None
@@ -138,6 +141,9 @@ def parse_step(raw: Any, where: str = "step") -> Step:
             raise ScriptError(f"{where}.error.status must be an integer 400-599")
         error_status = status
         error_message = str(error.get("message", "offline scripted error"))
+        retry_after = error.get("retry_after")
+        if retry_after is not None and (isinstance(retry_after, bool) or not isinstance(retry_after, int | float)):
+            raise ScriptError(f"{where}.error.retry_after must be a number of seconds")
 
     disconnect = raw.get("disconnect_after_chunks")
     if disconnect is not None and (isinstance(disconnect, bool) or not isinstance(disconnect, int) or disconnect < 0):
@@ -150,6 +156,7 @@ def parse_step(raw: Any, where: str = "step") -> Step:
         first_delay_ms=_non_negative_number(raw, "first_delay_ms", where) or 0.0,
         error_status=error_status,
         error_message=error_message,
+        retry_after=retry_after,
         disconnect_after_chunks=disconnect,
     )
 
@@ -159,6 +166,7 @@ class _Script:
     steps: list[Step]
     used: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    request_times: list[float] = field(default_factory=list)
 
     def next_step(self) -> Step:
         # Past the end the last step repeats, so retries and extra turns stay
@@ -253,6 +261,10 @@ class OfflineModel:
         """Chat request bodies that matched ``key``, oldest first."""
         return list(self._scripts[key].requests)
 
+    def request_times_for(self, key: str) -> list[float]:
+        """When each request that matched ``key`` arrived (monotonic seconds), oldest first."""
+        return list(self._scripts[key].request_times)
+
     def remove_script(self, key: str) -> bool:
         return self._scripts.pop(key, None) is not None
 
@@ -329,12 +341,16 @@ class OfflineModel:
         script = self._match(messages)
         if script is not None:
             script.requests.append(body)
+            script.request_times.append(time.monotonic())
             step = script.next_step()
         else:
             tools = body.get("tools")
             step = self._default_step(messages, tools if isinstance(tools, list) else [])
         if step.error_status is not None:
-            return _error_response(step.error_message, step.error_status)
+            response = _error_response(step.error_message, step.error_status)
+            if step.retry_after is not None:
+                response.headers["Retry-After"] = f"{step.retry_after:g}"
+            return response
 
         reply = self._resolve(step)
         prompt_tokens = max(1, sum(len(t.split()) for m in messages for t in _message_texts(m)))

@@ -114,7 +114,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     agents = load_agents(settings.agents_file)
     stop = stop or stop_on_signals()
     client = await connect_temporal(settings)
-    redis_client = connect_redis(settings)
+    redis_client = connect_redis(settings, wait_out_outages=True)
     await redis_client.ping()
     try:
         async with model_client(settings) as model:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from shared.contract import (
@@ -43,12 +45,21 @@ with workflow.unsafe.imports_passed_through():
 
 MODEL_CALL_TIMEOUT = timedelta(minutes=10)
 MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-MODEL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3)
+# A rate-limited or overloaded endpoint gets minutes, not a second: 1, 2, 4 ... 60 s apart (or as Retry-After says),
+# as many times as the agent's model_attempts. Errors that another attempt cannot fix are non-retryable.
+MODEL_RETRY_INITIAL = timedelta(seconds=1)
+MODEL_RETRY_MAXIMUM = timedelta(seconds=60)
 TOOL_TIMEOUT = timedelta(minutes=5)
 TOOL_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-# Tool errors come back as results; a retry is only for a worker that died mid-call.
-TOOL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=5)
-PUBLISH_TIMEOUT = timedelta(seconds=30)
+# Tool errors come back as results; a retry is for a worker that died mid-call or a Redis that stayed away.
+TOOL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+)
+# Longer than the worker waits out a Redis outage (AGENTRUN_REDIS_OUTAGE_SECONDS, 60 s by default).
+PUBLISH_TIMEOUT = timedelta(minutes=2)
 # Runs started before the run timeout existed replay without its timer.
 RUN_TIMEOUT_PATCH = "run-timeout"
 
@@ -112,6 +123,8 @@ class AgentRunWorkflow:
                 await self._finish(input, RunOutcome(RunEnd.CANCELLED, reason=reason))
                 raise
             assert isinstance(err, ActivityError)
+            # The failed call may have published events the workflow has not heard of: number past them.
+            self._last_sequence = max(self._last_sequence, _published_floor(err))
             message = _failure_message(err)
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
             raise ApplicationError(message, type=ErrorType.ACTIVITY_FAILED, non_retryable=True) from err
@@ -142,7 +155,12 @@ class AgentRunWorkflow:
             ),
             start_to_close_timeout=MODEL_CALL_TIMEOUT,
             heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
-            retry_policy=MODEL_RETRY,
+            retry_policy=RetryPolicy(
+                initial_interval=MODEL_RETRY_INITIAL,
+                backoff_coefficient=2.0,
+                maximum_interval=MODEL_RETRY_MAXIMUM,
+                maximum_attempts=input.agent.model_attempts,
+            ),
         )
         self._last_sequence = max(self._last_sequence, reply.last_sequence)
         self._tool_digests = self._tool_digests or reply.tool_digests
@@ -285,6 +303,18 @@ class AgentRunWorkflow:
 
 def _tool_message(call: ToolCallRequest, content: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call.call_id, "content": content}
+
+
+def _published_floor(err: ActivityError) -> int:
+    """The last sequence a failed activity reported publishing, in its error's details or its last heartbeat."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        details: Sequence[Any] = cause.details
+    elif isinstance(cause, TemporalTimeoutError):
+        details = cause.last_heartbeat_details
+    else:
+        details = ()
+    return max((d for d in details if isinstance(d, int)), default=0)
 
 
 def _failure_message(err: ActivityError) -> str:

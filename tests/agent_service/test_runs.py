@@ -232,6 +232,7 @@ async def test_get_and_stream_work_after_the_redis_stream_is_gone(stack: Stack) 
     key = stack.model.script({"text": "kept by Temporal"})
     run_id = await stack.client.start_run("assistant", key)
     events = await collect(stack, run_id)
+    await stack.temporal.get_workflow_handle(run_id).result()  # Redis loses the stream after the run has ended
     await stack.redis.delete(stream_key(stack.settings.redis_prefix, run_id))
 
     run = await stack.client.get_run(run_id)
@@ -239,35 +240,62 @@ async def test_get_and_stream_work_after_the_redis_stream_is_gone(stack: Stack) 
 
     assert run.state == pb.RUN_STATE_COMPLETED
     assert run.output == "kept by Temporal"
-    assert len(rebuilt) == 1
-    assert rebuilt[0].sequence == events[-1].sequence
-    assert rebuilt[0].run_completed == events[-1].run_completed
+    # The client is told which events are gone, then gets the terminal event rebuilt from Temporal's record.
+    lost, terminal = rebuilt
+    assert (lost.events_lost.first_sequence, lost.sequence) == (1, events[-1].sequence - 1)
+    assert terminal.sequence == events[-1].sequence
+    assert terminal.run_completed == events[-1].run_completed
     # A client that saw the terminal event gets nothing more.
     assert await collect(stack, run_id, after=events[-1].sequence) == []
 
 
 async def test_a_model_that_keeps_failing_fails_the_run(stack: Stack) -> None:
     key = stack.model.script({"error": {"status": 503, "message": "overloaded"}})
-    run_id = await stack.client.start_run("assistant", key)
+    run_id = await stack.client.start_run("flaky", key)
 
     events = await collect(stack, run_id)
 
     assert kinds(events) == ["run_failed"]
     assert "overloaded" in events[0].run_failed.error
-    assert len(stack.model.server.requests_for(key)) == 3  # retried, then given up
+    assert len(stack.model.server.requests_for(key)) == 3  # the agent's model_attempts, then given up
     run = await stack.client.get_run(run_id)
     assert run.state == pb.RUN_STATE_FAILED
     assert "overloaded" in run.error
 
 
-async def test_a_rejected_request_is_not_retried(stack: Stack) -> None:
-    key = stack.model.script({"error": {"status": 400, "message": "bad sampling"}})
-    run_id = await stack.client.start_run("assistant", key)
+async def test_a_rate_limited_model_is_retried_after_the_delay_it_asks_for(stack: Stack) -> None:
+    limited = {"error": {"status": 429, "message": "slow down", "retry_after": 2}}
+    key = stack.model.script(limited, limited, {"text": "finally"})
+    run_id = await stack.client.start_run("flaky", key)
+
+    events = await collect(stack, run_id)
+
+    assert events[-1].run_completed.output == "finally"
+    first, second, third = stack.model.server.request_times_for(key)
+    # Retry-After (2 s) wins over the policy's first intervals (1 s, then 2 s): a burst of 429s does not fail the run.
+    assert second - first >= 2 and third - second >= 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_a_request_the_model_rejects_is_not_retried(stack: Stack, status: int) -> None:
+    key = stack.model.script({"error": {"status": status, "message": "no"}})
+    run_id = await stack.client.start_run("flaky", key)
 
     events = await collect(stack, run_id)
 
     assert kinds(events) == ["run_failed"]
     assert len(stack.model.server.requests_for(key)) == 1
+
+
+@pytest.mark.parametrize("status", [408, 409, 500, 502])
+async def test_a_model_that_cannot_answer_now_is_retried(stack: Stack, status: int) -> None:
+    key = stack.model.script({"error": {"status": status, "message": "not now"}}, {"text": "now"})
+    run_id = await stack.client.start_run("flaky", key)
+
+    events = await collect(stack, run_id)
+
+    assert events[-1].run_completed.output == "now"
+    assert len(stack.model.server.requests_for(key)) == 2
 
 
 async def test_a_retried_model_call_does_not_repeat_streamed_text(stack: Stack) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as redis
 
 from agentrun.v1 import agent_service_pb2 as pb
 from shared import events
 from shared.contract import RunEnd, RunOutcome
-from shared.run_stream import RunStreamWriter, read_next, read_range, stream_key
+from shared.run_stream import RunStreamWriter, channel, decode_published, read_range, stream_key
 from shared.settings import Settings
 
 
@@ -53,23 +55,36 @@ async def test_a_terminal_event_closes_the_stream(settings: Settings, redis_clie
     assert [e.WhichOneof("kind") for e in stored] == ["text_delta", "run_completed"]
 
 
-async def test_read_next_waits_for_new_events(settings: Settings, redis_client: redis.Redis) -> None:
+async def test_each_entry_is_published_on_the_run_channel(settings: Settings, redis_client: redis.Redis) -> None:
     writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
-    assert await read_next(redis_client, settings.redis_prefix, "r4", 0, block_ms=10) == []
-    await writer.append("r4", [delta("a"), delta("b")], floor=0)
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.ssubscribe(channel(settings.redis_prefix, "r4"))
+        await writer.append("r4", [delta("a"), delta("b")], floor=7, agent_path=["assistant"])
 
-    stored = await read_next(redis_client, settings.redis_prefix, "r4", 1, block_ms=10)
+        messages: list[pb.RunEvent] = []
+        async with asyncio.timeout(10):
+            while len(messages) < 2:
+                message = await pubsub.get_message(timeout=1)
+                if message is not None and message["type"] == "smessage":
+                    messages.append(decode_published(message["data"]))
 
-    assert [e.text_delta.text for e in stored] == ["b"]
+    assert [(e.sequence, e.text_delta.text, list(e.agent_path)) for e in messages] == [
+        (8, "a", ["assistant"]),
+        (9, "b", ["assistant"]),
+    ]
 
 
-async def test_a_batch_with_a_once_key_is_published_once(settings: Settings, redis_client: redis.Redis) -> None:
+async def test_a_writer_publishes_each_batch_once(settings: Settings, redis_client: redis.Redis) -> None:
     writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
 
-    first = await writer.append("r5", [delta("a"), delta("b")], floor=0, once="batch-1")
-    again = await writer.append("r5", [delta("a"), delta("b")], floor=0, once="batch-1")
-    other = await writer.append("r5", [delta("c")], floor=0, once="batch-2")
+    first = await writer.append("r5", [delta("a"), delta("b")], floor=0, writer="started:0")
+    again = await writer.append("r5", [delta("a"), delta("b")], floor=0, writer="started:0")
+    text = await writer.append("r5", [delta("c")], floor=2, writer="model:0", batch="1:1")
+    retried = await writer.append("r5", [delta("c")], floor=2, writer="model:0", batch="1:1")
+    following = await writer.append("r5", [delta("d")], floor=3, writer="model:0", batch="1:2")
 
-    assert (first.last_sequence, again.last_sequence, other.last_sequence) == (2, 2, 3)
+    assert [r.last_sequence for r in (first, again, text, retried, following)] == [2, 2, 3, 3, 4]
     stored = await read_range(redis_client, settings.redis_prefix, "r5", 0)
-    assert [e.text_delta.text for e in stored] == ["a", "b", "c"]
+    assert [e.text_delta.text for e in stored] == ["a", "b", "c", "d"]
+    assert await writer.last_sequence("r5") == 4
+    assert await writer.last_sequence("no-such-run") == 0

@@ -236,9 +236,13 @@ class RunEvent(_message.Message):
     TOOL_CALL_FINISHED_FIELD_NUMBER: _builtins.int
     APPROVAL_REQUESTED_FIELD_NUMBER: _builtins.int
     APPROVAL_DECIDED_FIELD_NUMBER: _builtins.int
+    EVENTS_LOST_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The position of the event in its run: 1 for the first event, then
-    increasing by exactly one, so a gap or a repeat can be detected.
+    increasing by exactly one, so a gap or a repeat can be detected. When
+    the server no longer has some events, one events_lost event stands for
+    them and carries the last missing number, so the count still has no hole.
+    A number is never used for two different events.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
@@ -285,6 +289,12 @@ class RunEvent(_message.Message):
     def approval_decided(self) -> Global___ApprovalDecided:
         """An approval request was answered, or its deadline passed."""
 
+    @_builtins.property
+    def events_lost(self) -> Global___EventsLost:
+        """Events that the server can no longer send (its event store lost them,
+        or they expired); the run itself is unaffected.
+        """
+
     def __init__(
         self,
         *,
@@ -299,16 +309,41 @@ class RunEvent(_message.Message):
         tool_call_finished: Global___ToolCallFinished | None = ...,
         approval_requested: Global___ApprovalRequested | None = ...,
         approval_decided: Global___ApprovalDecided | None = ...,
+        events_lost: Global___EventsLost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "text_delta", b"text_delta", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "events_lost", b"events_lost", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "text_delta", b"text_delta", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "sequence", b"sequence", "text_delta", b"text_delta", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "events_lost", b"events_lost", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "sequence", b"sequence", "text_delta", b"text_delta", "time", b"time", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text_delta", "run_completed", "run_failed", "run_cancelled", "tool_call_started", "tool_call_finished", "approval_requested", "approval_decided"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text_delta", "run_completed", "run_failed", "run_cancelled", "tool_call_started", "tool_call_finished", "approval_requested", "approval_decided", "events_lost"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___RunEvent: _TypeAlias = RunEvent  # noqa: Y015
+
+@_typing.final
+class EventsLost(_message.Message):
+    """EventsLost stands for events that the server no longer has: those from
+    first_sequence up to the sequence of the EventsLost event itself.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    first_sequence: _builtins.int
+    """The first missing sequence number."""
+    def __init__(
+        self,
+        *,
+        first_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_sequence", b"first_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsLost: _TypeAlias = EventsLost  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):
