@@ -18,15 +18,25 @@ TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 APPROVER_METADATA = "x-agentrun-approver"
 
 
-class RunFailed(Exception):
-    """A run ended without an answer: it failed or was cancelled."""
+class RunEndedError(Exception):
+    """A run ended without an answer; ``event`` is its terminal event."""
 
     def __init__(self, run_id: str, event: pb.RunEvent) -> None:
-        kind = event.WhichOneof("kind")
-        detail = event.run_failed.error if kind == "run_failed" else f"cancelled {event.run_cancelled.reason}".strip()
-        super().__init__(f"run {run_id} {'failed: ' + detail if kind == 'run_failed' else detail}")
+        if event.HasField("run_cancelled"):
+            ending = f"was cancelled: {event.run_cancelled.reason}" if event.run_cancelled.reason else "was cancelled"
+        else:
+            ending = f"failed: {event.run_failed.error}"
+        super().__init__(f"run {run_id} {ending}")
         self.run_id = run_id
         self.event = event
+
+
+class RunFailedError(RunEndedError):
+    """A run failed; ``event.run_failed.error`` says why."""
+
+
+class RunCancelledError(RunEndedError):
+    """A run was cancelled; ``event.run_cancelled.reason`` says why, when the canceller gave a reason."""
 
 
 class AgentRunClient:
@@ -78,14 +88,19 @@ class AgentRunClient:
                 await asyncio.sleep(min(0.1 * 2**reconnects, 5.0))
 
     async def run(self, agent: str, input: str, *, conversation_id: str = "", request_id: str = "") -> pb.RunCompleted:
-        """Starts a run and waits for its answer; raises RunFailed when it fails or is cancelled."""
+        """Starts a run and waits for its answer.
+
+        Raises ``RunFailedError`` or ``RunCancelledError`` (both ``RunEndedError``) when the run ends without one.
+        """
         run_id = await self.start_run(agent, input, conversation_id=conversation_id, request_id=request_id)
         async for event in self.stream_run(run_id):
             if event.HasField("run_completed"):
                 return event.run_completed
-            if event.WhichOneof("kind") in TERMINAL_KINDS:
-                raise RunFailed(run_id, event)
-        raise RunFailed(run_id, pb.RunEvent(run_failed=pb.RunFailed(error="the stream ended without a result")))
+            if event.HasField("run_cancelled"):
+                raise RunCancelledError(run_id, event)
+            if event.HasField("run_failed"):
+                raise RunFailedError(run_id, event)
+        raise RunFailedError(run_id, pb.RunEvent(run_failed=pb.RunFailed(error="the stream ended without a result")))
 
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self.stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
