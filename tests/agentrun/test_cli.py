@@ -12,6 +12,7 @@ from asyncio.subprocess import PIPE
 import pytest
 
 from agentrun.v1 import agent_service_pb2 as pb
+from devstack.stack import free_port
 from tests.conftest import Stack
 
 ECHO_HI = {"tool_calls": [{"name": "echo", "arguments": {"text": "hi"}}]}
@@ -246,3 +247,15 @@ async def test_run_prompts_by_default_when_stdin_is_a_terminal(stack: Stack) -> 
 
     assert shown.decode().endswith('approve echo({"text": "hi"})? [y/N/reason] ')
     assert rest.decode().startswith("✓ approved by erin\n← hi\nEchoed.\n")
+
+
+async def test_server_takes_several_replicas_and_skips_a_dead_one(stack: Stack) -> None:
+    key = stack.model.script({"text": "through the second"})
+    servers = f"127.0.0.1:{free_port()},{stack.address}"  # nothing listens at the first
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "run", "assistant", key, "--no-prompt", "--server", servers, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+
+    assert process.returncode == 0, err.decode()
+    assert "through the second" in out.decode()

@@ -371,7 +371,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
-        sub.add_argument("--server", default=DEFAULT_SERVER, help="address of an agentrun server (AGENTRUN_SERVER)")
+        sub.add_argument(
+            "--server",
+            default=DEFAULT_SERVER,
+            help="address of an agentrun server, or of several replicas separated by commas (AGENTRUN_SERVER)",
+        )
         return sub
 
     def approver_option(sub: argparse.ArgumentParser) -> None:
