@@ -206,6 +206,9 @@ async def print_stream(
                 if prompter is not None:
                     prompter.decided(event.approval_decided.approval_id)
                 out.line(_decided(event.approval_decided))
+            elif kind == "events_lost":
+                first = event.events_lost.first_sequence
+                out.line(f"! events {first} to {event.sequence} are no longer available", file=sys.stderr)
             elif kind == "run_completed":
                 out.line(f"[run {run_id} completed: {_usage(event.run_completed.usage)}]")
                 return 0

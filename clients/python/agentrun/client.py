@@ -28,8 +28,14 @@ _FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 2.0
 # gRPC waits up to two minutes between attempts to reconnect to an address that keeps failing, during which every
-# call there fails at once; a replica that comes back should be used within our own backoff instead.
-_CHANNEL_OPTIONS = [("grpc.max_reconnect_backoff_ms", int(_MAX_BACKOFF_SECONDS * 1000))]
+# call there fails at once; a replica that comes back should be used within our own backoff instead. Keepalive
+# pings find a server whose host vanished without closing the connection, which would otherwise leave an open
+# stream waiting forever (the server accepts a ping every 10 s).
+_CHANNEL_OPTIONS = [
+    ("grpc.max_reconnect_backoff_ms", int(_MAX_BACKOFF_SECONDS * 1000)),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
 
 _T = TypeVar("_T")
 
