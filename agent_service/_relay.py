@@ -152,11 +152,11 @@ class _Run:
 class StreamRelay:
     """Follows watched runs over one sharded pub/sub subscription and fans their events out in memory."""
 
-    def __init__(self, redis_url: str, reader: redis.Redis, prefix: str, ended_runs: EndedRuns) -> None:
+    def __init__(self, redis_url: str, reader: redis.Redis, prefix: str, ended_runs: EndedRuns, *, name: str) -> None:
         # A client of its own, without retries: a dropped connection must surface here, because every watcher
         # has to catch up after it, which a silent reconnect would hide.
         self._subscriber = redis.Redis.from_url(
-            redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=SUBSCRIBE_TIMEOUT_SECONDS
+            redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=SUBSCRIBE_TIMEOUT_SECONDS, client_name=name
         )
         self._reader = reader
         self._prefix = prefix

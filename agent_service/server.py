@@ -53,6 +53,8 @@ from shared.settings import Settings, connect_redis, connect_temporal, stop_on_s
 
 log = logging.getLogger("agentrun.server")
 
+# How the server's connections appear in Redis's CLIENT LIST (the relay's subscription adds "-relay").
+REDIS_CLIENT_NAME = "agentrun-server"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
 MAX_INPUT_BYTES = 1 << 20
 MAX_ID_LENGTH = 128
@@ -94,7 +96,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self._redis = redis_client
         self._agents = agents
         self._conversations = ConversationStore(redis_client, settings.redis_prefix)
-        self.relay = StreamRelay(settings.redis_url, redis_client, settings.redis_prefix, self._ended_runs)
+        self.relay = StreamRelay(
+            settings.redis_url, redis_client, settings.redis_prefix, self._ended_runs, name=f"{REDIS_CLIENT_NAME}-relay"
+        )
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         if not request.agent:
@@ -428,7 +432,7 @@ async def serve(
     """Starts the server; port 0 picks a free port. Returns the server and its port; stop it with ``shutdown``."""
     agents = load_agents(settings.agents_file)
     temporal = temporal or await connect_temporal(settings)
-    redis_client = redis_client or connect_redis(settings, wait_out_outages=False)
+    redis_client = redis_client or connect_redis(settings, name=REDIS_CLIENT_NAME, wait_out_outages=False)
     server = grpc.aio.server(interceptors=[ErrorMapping()], options=SERVER_OPTIONS)
     service = AgentService(settings, temporal, redis_client, agents)
     pb_grpc.add_AgentServiceServicer_to_server(service, server)

@@ -35,6 +35,10 @@ class Settings:
     tool_modules: tuple[str, ...] = ()
     # How long the worker waits out a Redis outage before an append fails (and Temporal retries the activity).
     redis_outage_seconds: float = 60.0
+    # What one worker process runs at once. A streaming model call mostly waits on the network, so activities
+    # (model and tool calls) are many; each holds one connection to the model endpoint while it runs.
+    worker_activities: int = 1000
+    worker_workflow_tasks: int = 200
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -51,6 +55,8 @@ class Settings:
             "stream_ttl_seconds": int(env.get("AGENTRUN_STREAM_TTL_SECONDS", cls.stream_ttl_seconds)),
             "tool_modules": tuple(m.strip() for m in env.get("AGENTRUN_TOOL_MODULES", "").split(",") if m.strip()),
             "redis_outage_seconds": float(env.get("AGENTRUN_REDIS_OUTAGE_SECONDS", cls.redis_outage_seconds)),
+            "worker_activities": int(env.get("AGENTRUN_WORKER_ACTIVITIES", cls.worker_activities)),
+            "worker_workflow_tasks": int(env.get("AGENTRUN_WORKER_WORKFLOW_TASKS", cls.worker_workflow_tasks)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -68,12 +74,13 @@ REDIS_TIMEOUT_SECONDS = 5.0
 _OUTAGE_BACKOFF_CAP_SECONDS = 1.0
 
 
-def connect_redis(settings: Settings, *, wait_out_outages: bool) -> redis.Redis:
+def connect_redis(settings: Settings, *, name: str, wait_out_outages: bool) -> redis.Redis:
     """A Redis client with its pool and retries set on purpose.
 
     The worker waits out an outage of about ``settings.redis_outage_seconds``: each command retries with backoff,
     and every append the worker makes is idempotent, so a retry after a lost reply adds nothing. The server fails
-    fast instead (one retry), so that a caller hears UNAVAILABLE within its deadline.
+    fast instead (one retry), so that a caller hears UNAVAILABLE within its deadline. ``name`` is the connections'
+    CLIENT SETNAME, so that an operator sees in CLIENT LIST which service holds them.
     """
     if wait_out_outages:
         attempts = max(1, math.ceil(settings.redis_outage_seconds / (0.75 * _OUTAGE_BACKOFF_CAP_SECONDS)))
@@ -87,6 +94,7 @@ def connect_redis(settings: Settings, *, wait_out_outages: bool) -> redis.Redis:
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         retry=retry,
+        client_name=name,
     )
     return redis.Redis(connection_pool=pool)
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import httpx2
 import openai
 import redis.asyncio as redis
 from temporalio.client import Client
@@ -34,6 +35,8 @@ SANDBOXED_RUNNER = SandboxedWorkflowRunner(
 )
 
 OFFLINE_TOKEN_DELAY_SECONDS = 0.03
+MODEL_CONNECT_TIMEOUT_SECONDS = 5.0
+MODEL_READ_TIMEOUT_SECONDS = 600.0
 
 
 def build_worker(
@@ -84,6 +87,10 @@ def build_worker(
         max_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_INTERVAL_SECONDS),
         default_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_INTERVAL_SECONDS),
         graceful_shutdown_timeout=timedelta(seconds=10),
+        # Set on purpose (the SDK's default is 100 activities): see Settings.worker_activities.
+        max_concurrent_activities=settings.worker_activities,
+        max_concurrent_local_activities=settings.worker_activities,
+        max_concurrent_workflow_tasks=settings.worker_workflow_tasks,
     )
 
 
@@ -91,10 +98,7 @@ def build_worker(
 async def model_client(settings: Settings) -> AsyncIterator[openai.AsyncOpenAI]:
     """The configured OpenAI-compatible endpoint, or the offline model when none is configured."""
     if settings.openai_base_url or settings.openai_api_key:
-        # Temporal retries the activity durably; the client's own retries would hide that.
-        async with openai.AsyncOpenAI(
-            base_url=settings.openai_base_url, api_key=settings.openai_api_key or "unset", max_retries=0
-        ) as client:
+        async with _openai_client(settings, settings.openai_base_url, settings.openai_api_key or "unset") as client:
             yield client
         return
     from worker import offline_model
@@ -103,10 +107,30 @@ async def model_client(settings: Settings) -> AsyncIterator[openai.AsyncOpenAI]:
     runner, base_url = await offline_model.serve(token_delay=OFFLINE_TOKEN_DELAY_SECONDS)
     log.warning("no OPENAI_BASE_URL or OPENAI_API_KEY set: using the OFFLINE model at %s", base_url)
     try:
-        async with openai.AsyncOpenAI(base_url=base_url, api_key=OFFLINE_API_KEY, max_retries=0) as client:
+        async with _openai_client(settings, base_url, OFFLINE_API_KEY) as client:
             yield client
     finally:
         await runner.cleanup()
+
+
+def _openai_client(settings: Settings, base_url: str | None, api_key: str) -> openai.AsyncOpenAI:
+    """The ``openai`` client with its limits set on purpose.
+
+    No retries of its own: Temporal retries the activity durably, after the delay the endpoint asks for. One
+    connection per activity that may run at once, all kept alive, so a busy worker does not reconnect per call. A
+    reply may pause for minutes (a reasoning model thinking) but a connection must open within seconds.
+    """
+    return openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key,
+        max_retries=0,
+        timeout=httpx2.Timeout(MODEL_READ_TIMEOUT_SECONDS, connect=MODEL_CONNECT_TIMEOUT_SECONDS),
+        http_client=openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(
+                max_connections=settings.worker_activities, max_keepalive_connections=settings.worker_activities
+            )
+        ),
+    )
 
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -114,7 +138,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     agents = load_agents(settings.agents_file)
     stop = stop or stop_on_signals()
     client = await connect_temporal(settings)
-    redis_client = connect_redis(settings, wait_out_outages=True)
+    redis_client = connect_redis(settings, name="agentrun-worker", wait_out_outages=True)
     await redis_client.ping()
     try:
         async with model_client(settings) as model:
