@@ -7,13 +7,14 @@ caller gets an id to quote instead of Python's exception text.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import redis.exceptions
@@ -23,6 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from agent_service._relay import RelayUnavailable
 
 log = logging.getLogger("agentrun.server")
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:  # the stubs make these generic; at run time they are plain classes
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -48,15 +50,31 @@ class ApiError(Exception):
 _DEADLINE: ContextVar[float] = ContextVar("deadline")
 # Temporal calls of a request without a deadline give up after this long.
 DEFAULT_TEMPORAL_TIMEOUT_SECONDS = 10.0
-# Time kept back from the caller's deadline to send the answer.
-_ANSWER_MARGIN_SECONDS = 0.05
+# The share of the caller's time kept back to send the answer after a Temporal call gave up (at most half a second).
+_ANSWER_MARGIN = 0.1
 
 
 def temporal_timeout(at_most: float = DEFAULT_TEMPORAL_TIMEOUT_SECONDS) -> timedelta:
     """How long a Temporal call made for the current request may take."""
     deadline = _DEADLINE.get(None)
-    left = at_most if deadline is None else deadline - time.monotonic() - _ANSWER_MARGIN_SECONDS
+    if deadline is None:
+        return timedelta(seconds=at_most)
+    left = deadline - time.monotonic()
+    left -= min(0.5, left * _ANSWER_MARGIN)
     return timedelta(seconds=max(0.01, min(left, at_most)))
+
+
+async def from_temporal(call: Awaitable[_T], *, at_most: float = DEFAULT_TEMPORAL_TIMEOUT_SECONDS) -> _T:
+    """Awaits a call to Temporal for as long as the current request allows.
+
+    The SDK retries a Temporal it cannot reach for about ten seconds whatever timeout the call was given, so the
+    bound is kept here: past it the caller hears UNAVAILABLE naming Temporal, before its own deadline passes.
+    """
+    try:
+        async with asyncio.timeout(temporal_timeout(at_most).total_seconds()):
+            return await call
+    except TimeoutError:
+        raise ApiError(grpc.StatusCode.UNAVAILABLE, "Temporal did not answer in time; retry later") from None
 
 
 def _remember_deadline(context: Context) -> None:

@@ -38,6 +38,7 @@ CATCH_UP_BATCH = 512
 QUIET_SECONDS = 5.0
 MAX_QUIET_CHECK_SECONDS = 60.0
 SWEEP_SECONDS = 2.0
+SWEEP_TIMEOUT_SECONDS = 10.0
 # How long a new watcher waits for the relay to subscribe; Redis is unavailable past that.
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 # The subscription's connection is checked with a PING when it has been silent this long.
@@ -315,7 +316,8 @@ class StreamRelay:
             if not due:
                 continue
             try:
-                ended = await self._ended_runs([run.run_id for run in due])
+                async with asyncio.timeout(SWEEP_TIMEOUT_SECONDS):
+                    ended = await self._ended_runs([run.run_id for run in due])
             except Exception as err:
                 log.warning("relay could not ask Temporal which runs ended: %s", type(err).__name__)
                 continue

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import FailureError
 
-from agent_service._errors import temporal_timeout
+from agent_service._errors import from_temporal
 from agentrun.v1 import agent_service_pb2 as pb
 from shared import events
 from shared.contract import (
@@ -85,7 +85,7 @@ async def ended(client: Client, execution: WorkflowExecution) -> Ended:
     if execution.status == WorkflowExecutionStatus.CANCELED:
         return Ended(RunOutcome(RunEnd.CANCELLED))
     try:
-        result = await handle(client, execution.id).result(follow_runs=False, rpc_timeout=temporal_timeout())
+        result = await from_temporal(handle(client, execution.id).result(follow_runs=False))
     except WorkflowFailureError as err:
         cause = err.cause
         message = cause.message if isinstance(cause, FailureError) else str(cause)
@@ -101,6 +101,14 @@ async def approvals(execution: WorkflowExecution) -> list[Approval]:
     """The run's approval requests, answered or not, as its memo records them."""
     recorded: list[Approval] = await execution.memo_value(MEMO_APPROVALS, [], type_hint=list[Approval])
     return recorded
+
+
+async def recorded_approval(execution: WorkflowExecution, approval_id: str) -> Approval | None:
+    """The approval request with this id as the memo records it, decided or not."""
+    for approval in await approvals(execution):
+        if approval.approval_id == approval_id:
+            return approval
+    return None
 
 
 async def memo_pending_approvals(execution: WorkflowExecution) -> list[pb.ApprovalRequested]:

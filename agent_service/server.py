@@ -29,7 +29,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from agent_service import _runs
-from agent_service._errors import ApiError, Context, ErrorMapping, invalid, temporal_timeout
+from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal, invalid, temporal_timeout
 from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
@@ -48,7 +48,7 @@ from shared.contract import (
 )
 from shared.conversations import ConversationStore
 from shared.events import is_terminal
-from shared.run_stream import last_event, pending_approvals, read_range, stream_exists
+from shared.run_stream import is_pending_approval, last_event, pending_approvals, read_range, stream_exists
 from shared.settings import Settings, connect_redis, connect_temporal, stop_on_signals
 
 log = logging.getLogger("agentrun.server")
@@ -80,10 +80,7 @@ SERVER_OPTIONS = [
 RUN_TIMEOUT_GRACE_SECONDS = 60
 MAX_REASON_LENGTH = 2000
 APPROVER_METADATA = "x-agentrun-approver"
-_APPROVAL_ERRORS = {
-    ErrorType.APPROVAL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
-}
+_APPROVAL_ERRORS = {ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION}
 _ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
@@ -130,7 +127,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 ttl_seconds=agent.history_ttl_seconds,
             )
         try:
-            await self._temporal.start_workflow(
+            started = self._temporal.start_workflow(
                 WORKFLOW_NAME,
                 RunInput(run_id, agent, request.input, conversation),
                 id=run_id,
@@ -140,8 +137,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 # A backstop only: the workflow enforces the run's timeout itself and ends cleanly.
                 execution_timeout=timedelta(seconds=agent.run_timeout_seconds() + RUN_TIMEOUT_GRACE_SECONDS),
                 memo={MEMO_AGENT: agent.name, MEMO_CONVERSATION: conversation},
-                rpc_timeout=temporal_timeout(),
             )
+            await from_temporal(started)
         except WorkflowAlreadyStartedError:
             # The first run with this request_id has already finished.
             if conversation:
@@ -273,7 +270,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"run {request.run_id!r} has already ended ({pb.RunState.Name(state)})",
             )
-        await _runs.handle(self._temporal, request.run_id).cancel(reason=request.reason, rpc_timeout=temporal_timeout())
+        await from_temporal(_runs.handle(self._temporal, request.run_id).cancel(reason=request.reason))
         return pb.CancelRunResponse()
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
@@ -287,10 +284,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}'",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
             next_page_token=token,
-            rpc_timeout=temporal_timeout(),
         )
         try:
-            await page.fetch_next_page()
+            await from_temporal(page.fetch_next_page())
         except RPCError as err:
             if err.status == RPCStatusCode.INVALID_ARGUMENT:
                 raise invalid("page_token", "is not a token that ListRuns returned") from None
@@ -311,6 +307,18 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("arguments_sha256", "must be 64 lowercase hexadecimal digits")
         approver = approver_of(context)
         execution = await self._describe(request.run_id)
+        recorded = await _runs.recorded_approval(execution, request.approval_id)
+        if recorded is None and not await self._is_pending_in_redis(request.run_id, request.approval_id):
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"approval {request.approval_id!r} does not exist")
+        if recorded is not None and recorded.decision != Decision.PENDING:
+            # A decision already recorded answers a repeated Approve even after the run has ended, so that a caller
+            # who retried through an outage learns the outcome.
+            if recorded.decision != decision:
+                raise ApiError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"approval {request.approval_id!r} was already decided: {recorded.decision} by {recorded.approver}",
+                )
+            return _approve_response(recorded)
         if await self._final_state(execution) is not None:
             raise _already_ended(request.run_id)
         answer = ApprovalAnswer(
@@ -318,21 +326,25 @@ class AgentService(pb_grpc.AgentServiceServicer):
         )
         handle = _runs.handle(self._temporal, request.run_id)
         try:
-            update = await handle.start_update(
-                DECIDE_APPROVAL_UPDATE,
-                answer,
-                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                result_type=Approval,
-                rpc_timeout=temporal_timeout(at_most=APPROVE_ACCEPT_SECONDS),
+            # Temporal answers within APPROVE_ACCEPT_SECONDS when no worker takes the update; the outer bound is for a
+            # Temporal that does not answer at all.
+            update = await from_temporal(
+                handle.start_update(
+                    DECIDE_APPROVAL_UPDATE,
+                    answer,
+                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                    result_type=Approval,
+                    rpc_timeout=temporal_timeout(at_most=APPROVE_ACCEPT_SECONDS),
+                )
             )
-            approval = await update.result(rpc_timeout=temporal_timeout())
+            approval = await from_temporal(update.result())
         except WorkflowUpdateRPCTimeoutOrCancelledError:
-            # Temporal keeps the update and delivers it when a worker polls again, so it is not lost.
+            # Temporal may still hand the update to a worker that returns, or drop it: only a retry can tell.
             raise ApiError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"no worker took the decision for run {request.run_id!r} in time (is a worker serving task queue "
-                f"{self._settings.task_queue!r}?); Temporal keeps it and applies it when a worker returns, unless "
-                "the approval is decided otherwise first; send the same decision again to learn the outcome",
+                f"no worker took the decision for run {request.run_id!r} within {APPROVE_ACCEPT_SECONDS:g} s (is a "
+                f"worker serving task queue {self._settings.task_queue!r}?); it may still take effect when a worker "
+                "returns: send the same decision again, which is answered with the decision recorded",
             ) from None
         except WorkflowUpdateFailedError as err:
             cause = err.cause
@@ -343,9 +355,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if err.status == RPCStatusCode.NOT_FOUND:  # the run ended meanwhile
                 raise _already_ended(request.run_id) from None
             raise
-        return pb.ApproveResponse(
-            decision=events.decision_to_proto(approval.decision), approver=approval.approver, reason=approval.reason
-        )
+        return _approve_response(approval)
+
+    async def _is_pending_in_redis(self, run_id: str, approval_id: str) -> bool:
+        # Redis knows a request the moment it is published; the memo a moment later.
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            return await is_pending_approval(self._redis, self._settings.redis_prefix, run_id, approval_id)
+        return False
 
     async def _announced_end(self, run_id: str) -> pb.RunEvent | None:
         """The run's terminal event when its stream has it.
@@ -370,7 +386,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def _find(self, run_id: str) -> WorkflowExecution | None:
         """The run's workflow execution; None when there is no run with this id."""
         try:
-            execution = await _runs.handle(self._temporal, run_id).describe(rpc_timeout=temporal_timeout())
+            execution = await from_temporal(_runs.handle(self._temporal, run_id).describe())
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 return None
@@ -406,6 +422,12 @@ def _responses(event: pb.RunEvent, after: int) -> list[pb.StreamRunResponse]:
         responses.append(pb.StreamRunResponse(event=events.events_lost(after + 1, event.sequence - 1)))
     responses.append(pb.StreamRunResponse(event=event))
     return responses
+
+
+def _approve_response(approval: Approval) -> pb.ApproveResponse:
+    return pb.ApproveResponse(
+        decision=events.decision_to_proto(approval.decision), approver=approval.approver, reason=approval.reason
+    )
 
 
 def _already_ended(run_id: str) -> ApiError:

@@ -50,8 +50,7 @@ class RunEnd(StrEnum):
 class ErrorType(StrEnum):
     """The ``type`` of the ApplicationErrors that the workflow and the activities raise."""
 
-    # Approve answers: the server maps these to NOT_FOUND and FAILED_PRECONDITION.
-    APPROVAL_NOT_FOUND = "ApprovalNotFound"
+    # An Approve that cannot apply: the server answers FAILED_PRECONDITION.
     APPROVAL_CONFLICT = "ApprovalConflict"
     # Why a run failed.
     RUN_TIMED_OUT = "RunTimedOut"

@@ -196,6 +196,10 @@ async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:
     return bool(await client.exists(stream_key(prefix, run_id)))
 
 
+async def is_pending_approval(client: redis.Redis, prefix: str, run_id: str, approval_id: str) -> bool:
+    return bool(await client.hexists(_pending_key(prefix, run_id), approval_id))
+
+
 async def pending_approvals(client: redis.Redis, prefix: str, run_id: str) -> list[pb.RunEvent]:
     """The approval_requested events still waiting for an answer, in sequence order."""
     sequences: Any = await client.hvals(_pending_key(prefix, run_id))

@@ -16,26 +16,9 @@ from agentrun.client import AgentRunClient
 from devstack.stack import free_port, wait_until_serving
 from shared.settings import Settings
 from tests.conftest import Model
+from tests.processes import service_env, spawn
 
 WORDS = [f"token{i} " for i in range(60)]
-
-
-def service_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TEMPORAL_ADDRESS": settings.temporal_address,
-        "REDIS_URL": settings.redis_url,
-        "AGENTRUN_TASK_QUEUE": settings.task_queue,
-        "AGENTRUN_REDIS_PREFIX": settings.redis_prefix,
-        "AGENTRUN_AGENTS_FILE": settings.agents_file,
-        "OPENAI_BASE_URL": settings.openai_base_url or "",
-        "OPENAI_API_KEY": settings.openai_api_key or "",
-        "AGENTRUN_TOOL_MODULES": ",".join(settings.tool_modules),
-    }
-
-
-async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", "agentrun.cli", *args, env=env)
 
 
 @dataclass

@@ -234,28 +234,29 @@ class AgentRunWorkflow:
         return approval
 
     @workflow.update(name=DECIDE_APPROVAL_UPDATE)
-    def decide_approval(self, answer: ApprovalAnswer) -> Approval:
-        """Records an answer to a pending approval; answering again with the same decision changes nothing."""
+    async def decide_approval(self, answer: ApprovalAnswer) -> Approval:
+        """Records an answer to an approval request; answering again with the same decision changes nothing.
+
+        A worker that replays the run may get the answer before its replay has reached the request again; the
+        answer then waits for it. (The server answers NOT_FOUND for an approval that neither Redis nor the memo
+        knows, so the wait is only ever for a request the run has made.)
+        """
+        await workflow.wait_condition(lambda: answer.approval_id in self._approvals)
         approval = self._approvals[answer.approval_id]
+        conflict = _conflict(approval, answer)
+        if conflict:
+            raise ApplicationError(conflict, type=ErrorType.APPROVAL_CONFLICT)
         if approval.decision == Decision.PENDING:
             approval.decision, approval.approver, approval.reason = answer.decision, answer.approver, answer.reason
         return approval
 
     @decide_approval.validator
     def _check_answer(self, answer: ApprovalAnswer) -> None:
+        # Rejected before it enters the history when the run knows the request; otherwise decide_approval waits.
         approval = self._approvals.get(answer.approval_id)
-        if approval is None:
-            raise ApplicationError(f"approval {answer.approval_id!r} does not exist", type=ErrorType.APPROVAL_NOT_FOUND)
-        if answer.arguments_sha256 and answer.arguments_sha256 != approval.arguments_sha256:
-            raise ApplicationError(
-                f"approval {answer.approval_id!r} is for other arguments than arguments_sha256 says",
-                type=ErrorType.APPROVAL_CONFLICT,
-            )
-        if approval.decision != Decision.PENDING and approval.decision != answer.decision:
-            raise ApplicationError(
-                f"approval {answer.approval_id!r} was already decided: {approval.decision} by {approval.approver}",
-                type=ErrorType.APPROVAL_CONFLICT,
-            )
+        conflict = _conflict(approval, answer) if approval is not None else ""
+        if conflict:
+            raise ApplicationError(conflict, type=ErrorType.APPROVAL_CONFLICT)
 
     def _record_approvals(self) -> None:
         # The memo lets GetRun show approvals without a worker, and after Redis lost the stream.
@@ -299,6 +300,15 @@ class AgentRunWorkflow:
             workflow.logger.warning("could not publish %s for run %s", outcome.end, input.run_id)
         workflow.upsert_memo({MEMO_LAST_SEQUENCE: sequence})
         return sequence
+
+
+def _conflict(approval: Approval, answer: ApprovalAnswer) -> str:
+    """Why ``answer`` cannot apply to ``approval``; empty when it can."""
+    if answer.arguments_sha256 and answer.arguments_sha256 != approval.arguments_sha256:
+        return f"approval {answer.approval_id!r} is for other arguments than arguments_sha256 says"
+    if approval.decision != Decision.PENDING and approval.decision != answer.decision:
+        return f"approval {answer.approval_id!r} was already decided: {approval.decision} by {approval.approver}"
+    return ""
 
 
 def _tool_message(call: ToolCallRequest, content: str) -> dict[str, Any]:

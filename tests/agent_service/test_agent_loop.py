@@ -271,8 +271,12 @@ async def test_approve_is_idempotent_and_rejects_what_it_cannot_do(stack: Stack)
 
     await collect(stack, run_id)
     await wait_for_state(stack, run_id, pb.RUN_STATE_COMPLETED)
-    code, _ = await error_of(approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    # After the run has ended, the same decision is still answered with the recorded one (a caller retrying
+    # through an outage learns the outcome); another decision is refused.
+    late = await approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE)
+    assert (late.decision, late.approver, late.reason) == (first.decision, "alice", "yes")
+    code, message = await error_of(approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_DENY))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "already decided" in message
 
 
 async def test_a_reconnecting_client_sees_pending_approvals_again(stack: Stack) -> None:

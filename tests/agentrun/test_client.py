@@ -4,10 +4,8 @@ an answer lost on the network."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -15,53 +13,18 @@ import pytest
 from agent_service.server import serve
 from agentrun.client import AgentRunClient, RunCancelledError, RunEndedError, RunFailedError
 from agentrun.v1 import agent_service_pb2 as pb
-from devstack.stack import free_port, wait_until_serving
+from devstack.stack import free_port
 from shared.settings import Settings
 from tests.agent_service.test_agent_loop import calls
 from tests.agent_service.test_runs import wait_for_state
 from tests.conftest import Stack
-from tests.test_processes import service_env, spawn
+from tests.processes import assert_every_event_once, replicas, service_env, spawn
 
 WORDS = [f"word{i} " for i in range(60)]
 TEXT = "".join(WORDS)
 APPROVE = pb.APPROVAL_DECISION_APPROVE
 # The HTTP/2 frame type that carries gRPC messages.
 HTTP2_DATA = 0x0
-
-
-@dataclass
-class Replica:
-    """A server process."""
-
-    address: str
-    process: asyncio.subprocess.Process
-
-    @property
-    def alive(self) -> bool:
-        return self.process.returncode is None
-
-    async def kill(self) -> None:
-        self.process.kill()  # SIGKILL: no graceful stop, the open streams break
-        await self.process.wait()
-
-
-@contextlib.asynccontextmanager
-async def replicas(settings: Settings, count: int) -> AsyncIterator[list[Replica]]:
-    """Server processes with the same settings, each on a port of its own."""
-    started: list[Replica] = []
-    try:
-        for _ in range(count):
-            port = free_port()
-            process = await spawn("server", "--port", str(port), env=service_env(settings))
-            started.append(Replica(f"127.0.0.1:{port}", process))
-        for replica in started:
-            async with grpc.aio.insecure_channel(replica.address) as channel, asyncio.timeout(30):
-                await wait_until_serving(channel)
-        yield started
-    finally:
-        for replica in started:
-            if replica.alive:
-                await replica.kill()
 
 
 class LossyProxy:
@@ -109,24 +72,6 @@ class LossyProxy:
         await asyncio.gather(*pumps, return_exceptions=True)  # a closed connection ends a pump with an error
         client_writer.close()
         server_writer.close()
-
-
-def assert_every_event_once(events: list[pb.RunEvent]) -> None:
-    """Every sequence number once and in order, to the terminal event; only the approval requests that a resumed
-    stream repeats may come again, with their original sequence number."""
-    fresh: dict[int, pb.RunEvent] = {}
-    for event in events:
-        if fresh and event.sequence <= max(fresh):
-            assert event.HasField("approval_requested"), f"repeated: {event}"
-            original = fresh[event.sequence].approval_requested
-            assert (event.approval_requested.approval_id, event.approval_requested.arguments_sha256) == (
-                original.approval_id,
-                original.arguments_sha256,
-            )
-        else:
-            fresh[event.sequence] = event
-    assert list(fresh) == list(range(1, len(fresh) + 1))
-    assert events[-1] == fresh[len(fresh)]
 
 
 def text_of(events: list[pb.RunEvent]) -> str:

@@ -24,7 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from devstack.stack import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
 from shared.agents import load_agents
-from shared.contract import ApprovalAnswer, Decision, RunInput
+from shared.contract import DECIDE_APPROVAL_UPDATE, Approval, ApprovalAnswer, Decision, RunInput
 from shared.settings import Settings
 from worker import offline_model
 from worker.worker import build_worker
@@ -45,7 +45,7 @@ async def approve_first(handle: WorkflowHandle[Any, Any]) -> None:
         if approvals:
             decision = ApprovalAnswer(approvals[0]["approval_id"], Decision.APPROVE, "recorder", "fine")
             try:
-                await handle.execute_update(AgentRunWorkflow.decide_approval, decision)
+                await handle.execute_update(DECIDE_APPROVAL_UPDATE, decision, result_type=Approval)
                 return
             except WorkflowUpdateFailedError:
                 pass
