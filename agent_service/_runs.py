@@ -111,11 +111,12 @@ async def recorded_approval(execution: WorkflowExecution, approval_id: str) -> A
     return None
 
 
-async def memo_pending_approvals(execution: WorkflowExecution) -> list[pb.ApprovalRequested]:
-    """Pending approvals as the workflow's memo records them (Redis has them sooner; see the server)."""
+async def memo_pending_approvals(execution: WorkflowExecution) -> list[pb.RunEvent]:
+    """The approval_requested events of the pending approvals, rebuilt from the workflow's memo (Redis has the
+    events as published; see the server)."""
     if is_finished(execution):
         return []
-    return [events.approval_request(a) for a in await approvals(execution) if a.decision == Decision.PENDING]
+    return [events.approval_requested(a) for a in await approvals(execution) if a.decision == Decision.PENDING]
 
 
 async def to_run(

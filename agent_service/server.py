@@ -178,11 +178,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if after > 0:
                 # A client that reconnects gets the approval requests still waiting for
                 # an answer again, even those it saw before it went away.
-                for approval in await self._pending_approvals(run_id):
-                    if approval.sequence <= after:
-                        yield pb.StreamRunResponse(
-                            event=pb.RunEvent(sequence=approval.sequence, approval_requested=approval)
-                        )
+                for pending in await self._pending_approvals(run_id):
+                    if pending.sequence <= after:
+                        yield pb.StreamRunResponse(event=pending)
             if not await stream_exists(self._redis, self._settings.redis_prefix, run_id):
                 # The run may be unknown, just starting, or ended with its stream gone: Temporal knows which.
                 execution = await self._describe(run_id)
@@ -219,18 +217,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 responses += _responses(terminal, after)
         return responses
 
-    async def _pending_approvals(
-        self, run_id: str, execution: WorkflowExecution | None = None
-    ) -> list[pb.ApprovalRequested]:
-        """Pending approval requests: Redis has them the moment they are published, the memo once Redis lost them
-        (or while Redis is down)."""
+    async def _pending_approvals(self, run_id: str, execution: WorkflowExecution | None = None) -> list[pb.RunEvent]:
+        """The approval_requested events still waiting for an answer: as published, from Redis, which has them the
+        moment they are; rebuilt from the memo when Redis lost them (or is down)."""
         prefix = self._settings.redis_prefix
         try:
             pending = await pending_approvals(self._redis, prefix, run_id)
             if pending or await stream_exists(self._redis, prefix, run_id):
-                for event in pending:
-                    event.approval_requested.sequence = event.sequence
-                return [event.approval_requested for event in pending]
+                return pending
         except (redis.ConnectionError, redis.TimeoutError):
             pass
         return await _runs.memo_pending_approvals(execution or await self._describe(run_id))
@@ -254,7 +248,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         announced = await self._announced_end(execution.id)
         if announced is not None:
             return pb.GetRunResponse(run=await _runs.to_run(execution, _runs.Ended.announced(announced)))
-        pending = await self._pending_approvals(execution.id, execution)
+        pending = [_with_sequence(event) for event in await self._pending_approvals(execution.id, execution)]
         return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending))
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
@@ -422,6 +416,14 @@ def _responses(event: pb.RunEvent, after: int) -> list[pb.StreamRunResponse]:
         responses.append(pb.StreamRunResponse(event=events.events_lost(after + 1, event.sequence - 1)))
     responses.append(pb.StreamRunResponse(event=event))
     return responses
+
+
+def _with_sequence(event: pb.RunEvent) -> pb.ApprovalRequested:
+    """The approval request of an approval_requested event, carrying the event's sequence (as GetRun shows it)."""
+    requested = pb.ApprovalRequested()
+    requested.CopyFrom(event.approval_requested)
+    requested.sequence = event.sequence
+    return requested
 
 
 def _approve_response(approval: Approval) -> pb.ApproveResponse:

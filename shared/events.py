@@ -127,6 +127,14 @@ def approval_decision(approval: Approval) -> pb.ApprovalDecided:
     )
 
 
+def approval_requested(approval: Approval) -> pb.RunEvent:
+    """The approval_requested event of a request, rebuilt from what the workflow recorded of it."""
+    event = _event(approval_requested=approval_request(approval))
+    event.approval_requested.ClearField("sequence")  # as published: the event carries it
+    event.sequence = approval.sequence
+    return event
+
+
 def workflow_event(spec: WorkflowEvent) -> pb.RunEvent:
     """The event for something the workflow itself decided."""
     if spec.tool_call_finished is not None:

@@ -28,6 +28,11 @@ if _version_not_supported:
 class AgentServiceStub:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
+
+    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
+    Redis (the message names which) or is shutting down: retry it, on another
+    replica if there is one. A request field that is not valid is
+    INVALID_ARGUMENT with a message that starts with the field's name.
     """
 
     def __init__(self, channel):
@@ -71,6 +76,11 @@ class AgentServiceStub:
 class AgentServiceServicer:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
+
+    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
+    Redis (the message names which) or is shutting down: retry it, on another
+    replica if there is one. A request field that is not valid is
+    INVALID_ARGUMENT with a message that starts with the field's name.
     """
 
     def StartRun(self, request, context):
@@ -83,16 +93,24 @@ class AgentServiceServicer:
 
     def StreamRun(self, request, context):
         """StreamRun sends the events of a run after a given sequence number, then
-        follows the run live until its terminal event, then ends with OK.
+        follows the run live until its terminal event, then ends with OK. A
+        stream that ends with UNAVAILABLE (Redis went away, the server is
+        shutting down) is resumed with after_sequence set to the last event
+        received. NOT_FOUND when there is no such run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Approve(self, request, context):
-        """Approve answers a pending approval request of a run. The approver is read
-        from the request metadata "x-agentrun-approver" and recorded with the
-        decision.
+        """Approve answers an approval request of a run. The approver is read from
+        the request metadata "x-agentrun-approver" and recorded with the
+        decision. Sending the same decision again, even after the run has ended,
+        answers with the decision recorded. NOT_FOUND for an unknown run or
+        approval; FAILED_PRECONDITION when the approval was decided otherwise, the
+        arguments_sha256 differs, or the run ended before a decision;
+        UNAVAILABLE when no worker took the decision within 5 seconds: it may
+        still take effect, and sending the same decision again tells.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +181,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
 class AgentService:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
+
+    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
+    Redis (the message names which) or is shutting down: retry it, on another
+    replica if there is one. A request field that is not valid is
+    INVALID_ARGUMENT with a message that starts with the field's name.
     """
 
     @staticmethod

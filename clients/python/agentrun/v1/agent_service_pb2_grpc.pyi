@@ -29,6 +29,11 @@ GRPC_VERSION: str
 class AgentServiceStub:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
+
+    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
+    Redis (the message names which) or is shutting down: retry it, on another
+    replica if there is one. A request field that is not valid is
+    INVALID_ARGUMENT with a message that starts with the field's name.
     """
 
     @_typing.overload
@@ -41,12 +46,20 @@ class AgentServiceStub:
     """
     StreamRun: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.StreamRunRequest, _agent_service_pb2.StreamRunResponse]
     """StreamRun sends the events of a run after a given sequence number, then
-    follows the run live until its terminal event, then ends with OK.
+    follows the run live until its terminal event, then ends with OK. A
+    stream that ends with UNAVAILABLE (Redis went away, the server is
+    shutting down) is resumed with after_sequence set to the last event
+    received. NOT_FOUND when there is no such run.
     """
     Approve: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]
-    """Approve answers a pending approval request of a run. The approver is read
-    from the request metadata "x-agentrun-approver" and recorded with the
-    decision.
+    """Approve answers an approval request of a run. The approver is read from
+    the request metadata "x-agentrun-approver" and recorded with the
+    decision. Sending the same decision again, even after the run has ended,
+    answers with the decision recorded. NOT_FOUND for an unknown run or
+    approval; FAILED_PRECONDITION when the approval was decided otherwise, the
+    arguments_sha256 differs, or the run ended before a decision;
+    UNAVAILABLE when no worker took the decision within 5 seconds: it may
+    still take effect, and sending the same decision again tells.
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetRunRequest, _agent_service_pb2.GetRunResponse]
     """GetRun returns the current state of a run."""
@@ -59,6 +72,11 @@ class AgentServiceStub:
 class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
+
+    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
+    Redis (the message names which) or is shutting down: retry it, on another
+    replica if there is one. A request field that is not valid is
+    INVALID_ARGUMENT with a message that starts with the field's name.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -68,12 +86,20 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     StreamRun: _aio.UnaryStreamMultiCallable[_agent_service_pb2.StreamRunRequest, _agent_service_pb2.StreamRunResponse]  # type: ignore[assignment]
     """StreamRun sends the events of a run after a given sequence number, then
-    follows the run live until its terminal event, then ends with OK.
+    follows the run live until its terminal event, then ends with OK. A
+    stream that ends with UNAVAILABLE (Redis went away, the server is
+    shutting down) is resumed with after_sequence set to the last event
+    received. NOT_FOUND when there is no such run.
     """
     Approve: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]  # type: ignore[assignment]
-    """Approve answers a pending approval request of a run. The approver is read
-    from the request metadata "x-agentrun-approver" and recorded with the
-    decision.
+    """Approve answers an approval request of a run. The approver is read from
+    the request metadata "x-agentrun-approver" and recorded with the
+    decision. Sending the same decision again, even after the run has ended,
+    answers with the decision recorded. NOT_FOUND for an unknown run or
+    approval; FAILED_PRECONDITION when the approval was decided otherwise, the
+    arguments_sha256 differs, or the run ended before a decision;
+    UNAVAILABLE when no worker took the decision within 5 seconds: it may
+    still take effect, and sending the same decision again tells.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetRunRequest, _agent_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """GetRun returns the current state of a run."""
@@ -85,6 +111,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
+
+    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
+    Redis (the message names which) or is shutting down: retry it, on another
+    replica if there is one. A request field that is not valid is
+    INVALID_ARGUMENT with a message that starts with the field's name.
     """
 
     @_abc_1.abstractmethod
@@ -104,7 +135,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.StreamRunResponse], _abc.AsyncIterator[_agent_service_pb2.StreamRunResponse]]:
         """StreamRun sends the events of a run after a given sequence number, then
-        follows the run live until its terminal event, then ends with OK.
+        follows the run live until its terminal event, then ends with OK. A
+        stream that ends with UNAVAILABLE (Redis went away, the server is
+        shutting down) is resumed with after_sequence set to the last event
+        received. NOT_FOUND when there is no such run.
         """
 
     @_abc_1.abstractmethod
@@ -113,9 +147,14 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ApproveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ApproveResponse, _abc.Awaitable[_agent_service_pb2.ApproveResponse]]:
-        """Approve answers a pending approval request of a run. The approver is read
-        from the request metadata "x-agentrun-approver" and recorded with the
-        decision.
+        """Approve answers an approval request of a run. The approver is read from
+        the request metadata "x-agentrun-approver" and recorded with the
+        decision. Sending the same decision again, even after the run has ended,
+        answers with the decision recorded. NOT_FOUND for an unknown run or
+        approval; FAILED_PRECONDITION when the approval was decided otherwise, the
+        arguments_sha256 differs, or the run ended before a decision;
+        UNAVAILABLE when no worker took the decision within 5 seconds: it may
+        still take effect, and sending the same decision again tells.
         """
 
     @_abc_1.abstractmethod
