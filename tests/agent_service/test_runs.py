@@ -330,3 +330,17 @@ async def test_list_runs_pages_through_this_deployments_runs(stack: Stack) -> No
         await asyncio.sleep(0.1)
     assert {r.run_id for r in seen} == run_ids
     assert all(r.agent == "assistant" for r in seen)
+
+
+async def test_a_watcher_learns_of_a_run_that_ended_without_a_terminal_event(stack: Stack) -> None:
+    # Terminated by an operator in Temporal: the workflow publishes nothing; the relay asks Temporal about quiet runs.
+    key = stack.model.script({"tool_calls": [{"name": "echo", "arguments": {"text": "x"}}]})
+    run_id = await stack.client.start_run("patient", key)
+    events: list[pb.RunEvent] = []
+    async for event in stack.client.stream_run(run_id):
+        events.append(event)
+        if event.HasField("approval_requested"):
+            await stack.temporal.get_workflow_handle(run_id).terminate("operator")
+
+    assert events[-1].run_failed.error == "the run was terminated"
+    assert events[-1].sequence == events[-2].sequence + 1
