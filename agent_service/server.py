@@ -48,7 +48,15 @@ from shared.contract import (
 )
 from shared.conversations import ConversationStore
 from shared.events import is_terminal
-from shared.run_stream import is_pending_approval, last_event, pending_approvals, read_range, stream_exists
+from shared.run_stream import (
+    is_known,
+    is_pending_approval,
+    last_event,
+    mark_started,
+    pending_approvals,
+    read_range,
+    stream_exists,
+)
 from shared.settings import Settings, connect_redis, connect_temporal, stop_on_signals
 
 log = logging.getLogger("agentrun.server")
@@ -147,6 +155,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if conversation:
                 await self._conversations.release_active_run(conversation, run_id)
             raise
+        await mark_started(
+            self._redis, self._settings.redis_prefix, run_id, ttl_seconds=self._settings.stream_ttl_seconds
+        )
         return pb.StartRunResponse(run_id=run_id)
 
     async def _claim_conversation(self, conversation: str, run_id: str, agent: AgentConfig) -> None:
@@ -181,8 +192,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 for pending in await self._pending_approvals(run_id):
                     if pending.sequence <= after:
                         yield pb.StreamRunResponse(event=pending)
-            if not await stream_exists(self._redis, self._settings.redis_prefix, run_id):
-                # The run may be unknown, just starting, or ended with its stream gone: Temporal knows which.
+            if not await is_known(self._redis, self._settings.redis_prefix, run_id):
+                # The run may be unknown, or ended with its stream gone: Temporal knows which.
                 execution = await self._describe(run_id)
                 if _runs.is_finished(execution):
                     for response in await self._rest_of_ended_run(execution, after):

@@ -83,6 +83,10 @@ def channel(prefix: str, run_id: str) -> str:
     return _key(prefix, run_id, "live")
 
 
+def _started_key(prefix: str, run_id: str) -> str:
+    return _key(prefix, run_id, "started")
+
+
 def _writers_key(prefix: str, run_id: str) -> str:
     return _key(prefix, run_id, "published")
 
@@ -194,6 +198,16 @@ async def last_sequence(client: redis.Redis, prefix: str, run_id: str) -> int:
 
 async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:
     return bool(await client.exists(stream_key(prefix, run_id)))
+
+
+async def mark_started(client: redis.Redis, prefix: str, run_id: str, *, ttl_seconds: int) -> None:
+    """Records that the run exists, so that watching it before its first event needs no question to Temporal."""
+    await client.set(_started_key(prefix, run_id), 1, ex=ttl_seconds)
+
+
+async def is_known(client: redis.Redis, prefix: str, run_id: str) -> bool:
+    """Whether Redis knows the run: it has its stream, or the mark of its start."""
+    return bool(await client.exists(stream_key(prefix, run_id), _started_key(prefix, run_id)))
 
 
 async def is_pending_approval(client: redis.Redis, prefix: str, run_id: str, approval_id: str) -> bool:
