@@ -155,9 +155,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if conversation:
                 await self._conversations.release_active_run(conversation, run_id)
             raise
-        await mark_started(
-            self._redis, self._settings.redis_prefix, run_id, ttl_seconds=self._settings.stream_ttl_seconds
-        )
+        # Lets StreamRun follow the run before its first event without asking Temporal; without it, it asks.
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            await mark_started(
+                self._redis, self._settings.redis_prefix, run_id, ttl_seconds=self._settings.stream_ttl_seconds
+            )
         return pb.StartRunResponse(run_id=run_id)
 
     async def _claim_conversation(self, conversation: str, run_id: str, agent: AgentConfig) -> None:
