@@ -35,4 +35,4 @@ stubs: $(INSTALLED)
 	$(PYTHON) clients/python/generate.py
 
 bench: $(INSTALLED)
-	$(PYTHON) bench/ttft.py
+	$(PYTHON) -m bench.ttft

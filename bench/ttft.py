@@ -2,7 +2,7 @@
 
 Starts every real component as production runs them (Temporal dev server, Redis, the offline model, and the
 worker and the gRPC server as separate processes) and prints figures; nothing is asserted. From the repo root:
-    python bench/ttft.py [--runs 30] [--tokens 2000]
+    python -m bench.ttft [--runs 30] [--tokens 2000]
 """
 
 from __future__ import annotations
@@ -11,34 +11,25 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import aiohttp
-import grpc
 import openai
 import yaml
 
 from agentrun.client import AgentRunClient
-from devstack.stack import free_port, redis_server, temporal_dev_server, wait_until_serving
+from bench._stack import ROOT, add_script, running_stack
 
-ROOT = Path(__file__).resolve().parent.parent
 AGENTS_FILE = ROOT / "agents.yaml"
 AGENT = "assistant"
 WARMUP = 3
 THROUGHPUT_REPS = 5
 RUN_TIMEOUT = 60.0  # a run this slow means a component is stuck, not slow
-Procs = dict[str, asyncio.subprocess.Process]
 Paths = dict[str, Callable[[str], Awaitable["Sample"]]]  # path name -> one timed call with a prompt
 
 
@@ -50,68 +41,6 @@ class Sample:
     deltas: int
     start_rpc: float = 0.0  # agentrun only: the StartRun round trip
     emitted: float = 0.0  # agentrun only: StartRun call -> the worker creates the first delta (wall clock)
-
-
-@asynccontextmanager
-async def running_stack() -> AsyncIterator[tuple[str, str]]:
-    """Yields the offline model's /v1 URL and the gRPC server's address."""
-    logs = Path(tempfile.mkdtemp(prefix="agentrun-bench-"))
-    procs: Procs = {}
-    async with (
-        temporal_dev_server(port=None, ui_port=None, ui=False) as temporal,
-        redis_server(os.environ.get("REDIS_URL")) as redis_url,
-    ):
-        model_port, grpc_port = free_port(), free_port()
-        model_url, grpc_target = f"http://127.0.0.1:{model_port}/v1", f"127.0.0.1:{grpc_port}"
-        unique = uuid.uuid4().hex[:8]  # own queue and keys, in case REDIS_URL is a shared Redis
-        env = {
-            **os.environ,
-            "TEMPORAL_ADDRESS": temporal,
-            "REDIS_URL": redis_url,
-            "AGENTRUN_TASK_QUEUE": f"bench-{unique}",
-            "AGENTRUN_REDIS_PREFIX": f"bench:{unique}:",
-            "AGENTRUN_AGENTS_FILE": str(AGENTS_FILE),
-            "OPENAI_BASE_URL": model_url,
-            "OPENAI_API_KEY": "offline",
-        }
-        commands = {
-            "model": ["-m", "worker.offline_model", "--port", str(model_port), "--token-delay-ms", "0"],
-            "worker": ["-m", "agentrun.cli", "worker"],
-            "server": ["-m", "agentrun.cli", "server", "--port", str(grpc_port)],
-        }
-        try:
-            for name, args in commands.items():
-                log = os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT)  # the child keeps its own copy
-                procs[name] = await asyncio.create_subprocess_exec(
-                    sys.executable, *args, cwd=ROOT, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
-                )
-                os.close(log)
-            await wait_ready(model_url, grpc_target, procs, logs)
-            yield model_url, grpc_target
-        finally:
-            for proc in reversed(procs.values()):  # server, worker, model: each stops before what it calls
-                if proc.returncode is None:
-                    proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 15)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-    shutil.rmtree(logs, ignore_errors=True)  # reached only on success: logs are kept for diagnosis otherwise
-
-
-async def wait_ready(model_url: str, grpc_target: str, procs: Procs, logs: Path) -> None:
-    """Until the model lists its models and the gRPC server says SERVING (warm-up waits for the worker)."""
-
-    def still_starting() -> None:
-        if dead := [name for name, proc in procs.items() if proc.returncode is not None]:
-            raise RuntimeError(f"{dead[0]} exited on start-up; see {logs / dead[0]}.log")
-
-    async with grpc.aio.insecure_channel(grpc_target) as channel, asyncio.timeout(60):
-        await wait_until_serving(channel, still_starting=still_starting)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{model_url}/models") as reply:
-            reply.raise_for_status()
 
 
 async def direct(llm: openai.AsyncOpenAI, agent: dict[str, Any], prompt: str) -> Sample:
@@ -165,19 +94,16 @@ async def bench(runs: int, tokens: int) -> None:
     key = f"bench-{uuid.uuid4().hex[:12]}"
     chunks = [f"tok{i} " for i in range(tokens)]
     async with (
-        running_stack() as (model_url, grpc_target),
-        openai.AsyncOpenAI(base_url=model_url, api_key="offline", max_retries=0) as llm,
-        AgentRunClient(grpc_target) as client,
-        aiohttp.ClientSession() as http,
+        running_stack(AGENTS_FILE) as stack,
+        openai.AsyncOpenAI(base_url=stack.model_url, api_key="offline", max_retries=0) as llm,
+        AgentRunClient(stack.grpc_target) as client,
     ):
         paths: Paths = {"direct": partial(direct, llm, agent), "agentrun": partial(via_agentrun, client)}
         # Warm-up: connections, lazy imports, Temporal's first workflow tasks, the worker's first poll.
         await interleaved(paths, WARMUP, "Warm-up {i}: say hello.")
         ttft = await interleaved(paths, runs, "Question {i}: what is a durable workflow?")
         # Past its last step a script repeats it, so one key serves every repetition of both paths.
-        script = {"key": key, "steps": [{"chunks": chunks}]}
-        async with http.post(model_url.removesuffix("/v1") + "/_offline/scripts", json=script) as reply:
-            reply.raise_for_status()
+        await add_script(stack, key, [{"chunks": chunks}])
         long = await interleaved(paths, THROUGHPUT_REPS, f"Recite {key}, take {{i}}.")
     report(runs, tokens, ttft, long, "".join(chunks))
 

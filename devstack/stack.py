@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,8 +44,10 @@ def temporal_executable() -> str:
 
 
 @contextlib.asynccontextmanager
-async def temporal_dev_server(*, port: int | None, ui_port: int | None, ui: bool) -> AsyncIterator[str]:
-    """A real Temporal dev server; yields its address."""
+async def temporal_dev_server(
+    *, port: int | None, ui_port: int | None, ui: bool, extra_args: Sequence[str] = ()
+) -> AsyncIterator[str]:
+    """A real Temporal dev server; yields its address. ``extra_args`` go to ``temporal server start-dev``."""
     from temporalio.testing import WorkflowEnvironment
 
     env = await WorkflowEnvironment.start_local(
@@ -53,7 +55,7 @@ async def temporal_dev_server(*, port: int | None, ui_port: int | None, ui: bool
         ui=ui,
         ui_port=ui_port,
         dev_server_existing_path=temporal_executable(),
-        dev_server_extra_args=TEMPORAL_FAST_DISPATCH,
+        dev_server_extra_args=[*TEMPORAL_FAST_DISPATCH, *extra_args],
         dev_server_log_level="error",
     )
     try:
