@@ -76,7 +76,12 @@ ENDED_QUERY_BATCH = 200
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Set on purpose rather than left to gRPC's defaults: ping idle clients so that a dead one frees its streams,
 # accept clients' keepalive pings every 10 s, and cap messages at 4 MiB (the largest input is 1 MiB).
+# Calls that arrived but that the server has not yet taken up are "pending"; the asyncio server takes them up one
+# at a time, so a burst (every client of a dead replica failing over here) queues thousands. Past gRPC's default of
+# 1,000 it starts cancelling them (clients see CANCELLED); a queued call costs a few KB, so let the burst wait.
 SERVER_OPTIONS = [
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

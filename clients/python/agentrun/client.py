@@ -20,11 +20,13 @@ TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 APPROVER_METADATA = "x-agentrun-approver"
 RETRY_BUDGET_SECONDS = 60.0
 
-# The one code that says the server or the connection went away rather than answering the request: nothing listens
-# at the address ("failed to connect to all addresses"), the server's process died mid-call ("Stream removed (Socket
-# closed)" when it is SIGKILLed), or it stopped and ended the calls still open ("Cancelling all calls"). Every other
+# The codes that say the server or the connection went away rather than answering the request. UNAVAILABLE: nothing
+# listens at the address ("failed to connect to all addresses"), the server's process died mid-call ("Stream removed
+# (Socket closed)" when it is SIGKILLed), or it stopped and ended the calls still open ("Cancelling all calls").
+# CANCELLED that this client did not ask for (its own cancellations raise asyncio.CancelledError): gRPC on the server
+# shed the call before any handler saw it, as it does when more calls arrive at once than it queues. Every other
 # code is an answer that another replica would repeat; INTERNAL in particular also means a bug on the server.
-_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 2.0
 # gRPC waits up to two minutes between attempts to reconnect to an address that keeps failing, during which every
