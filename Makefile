@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: dev test check stubs bench
+.PHONY: dev test check stubs bench bench-streams
 
 # Two distributions: the client (clients/python) and the service (here), which depends on it.
 $(INSTALLED): pyproject.toml clients/python/pyproject.toml
@@ -34,5 +34,9 @@ check: $(INSTALLED)
 stubs: $(INSTALLED)
 	$(PYTHON) clients/python/generate.py
 
+# Figures, not assertions: see each module's docstring. `make bench` is the cost of a token and of a run.
 bench: $(INSTALLED)
-	$(PYTHON) -m bench.ttft
+	$(PYTHON) -m bench.speed
+
+bench-streams: $(INSTALLED)
+	$(PYTHON) -m bench.streams

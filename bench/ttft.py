@@ -41,6 +41,7 @@ class Sample:
     deltas: int
     start_rpc: float = 0.0  # agentrun only: the StartRun round trip
     emitted: float = 0.0  # agentrun only: StartRun call -> the worker creates the first delta (wall clock)
+    last_text: float = 0.0  # agentrun only: seconds from the call to the last text
 
 
 async def direct(llm: openai.AsyncOpenAI, agent: dict[str, Any], prompt: str) -> Sample:
@@ -64,7 +65,7 @@ async def via_agentrun(client: AgentRunClient, prompt: str) -> Sample:
     wall0, t0 = time.time(), time.perf_counter()
     run_id = await client.start_run(AGENT, prompt)
     start_rpc = time.perf_counter() - t0
-    ttft = emitted = 0.0
+    ttft = emitted = last_text = 0.0
     kind, parts = "", []
     # Opened as soon as the run id is known; stream_run stops after the terminal event.
     async for event in client.stream_run(run_id):
@@ -75,9 +76,10 @@ async def via_agentrun(client: AgentRunClient, prompt: str) -> Sample:
                 # The worker stamps each event as it creates it; one machine, so one clock.
                 emitted = event.time.ToNanoseconds() / 1e9 - wall0
             parts.append(event.text_delta.text)
+            last_text = time.perf_counter() - t0
     if kind != "run_completed":
         raise RuntimeError(f"run {run_id} ended with {kind or 'no terminal event'}")
-    return Sample(ttft, time.perf_counter() - t0, "".join(parts), len(parts), start_rpc, emitted)
+    return Sample(ttft, time.perf_counter() - t0, "".join(parts), len(parts), start_rpc, emitted, last_text)
 
 
 async def interleaved(paths: Paths, n: int, prompt: str) -> dict[str, list[Sample]]:
@@ -133,7 +135,7 @@ def report(runs: int, tokens: int, ttft: dict[str, list[Sample]], long: dict[str
     print(f"\n{f'throughput, {tokens}-token reply, {THROUGHPUT_REPS} reps':<46}{'tok/s':>8}{'ms':>8}{'deltas':>8}")
     labels = {"direct": "direct   (create() -> end of stream)", "agentrun": "agentrun (StartRun -> terminal event)"}
     for name, rows in long.items():
-        rate = statistics.median(s.deltas / s.total for s in rows)
+        rate = statistics.median(tokens / s.total for s in rows)
         total = statistics.median(s.total for s in rows) * 1e3
         print(f"  {labels[name]:<44}{rate:>8.0f}{total:>8.1f}{statistics.median(s.deltas for s in rows):>8.0f}")
         if bad := sum(s.text != expected for s in rows):
