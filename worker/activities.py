@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from agentrun.v1 import agent_service_pb2 as pb
 from shared import events
 from shared.agents import AgentConfig
 from shared.contract import (
@@ -27,6 +28,8 @@ from shared.contract import (
     ModelReply,
     PublishEventsInput,
     PublishOutcomeInput,
+    RunEnd,
+    RunOutcome,
     RunToolInput,
     ToolCallRequest,
     ToolCallStatus,
@@ -34,7 +37,7 @@ from shared.contract import (
     Usage,
 )
 from shared.conversations import ConversationStore
-from shared.run_stream import RunStreamWriter
+from shared.run_stream import AppendResult, RunStreamWriter
 from worker.tools import ToolContext, ToolError, ToolRegistry
 
 # How often a running activity tells Temporal it is alive. Cancellation reaches
@@ -62,6 +65,8 @@ class _Resumed:
 
     floor: int
     already_sent: str = ""
+    # An earlier attempt ended the run with its reply (this run_completed event) before Temporal heard of it.
+    answer: pb.RunEvent | None = None
 
 
 class _TextPublisher:
@@ -225,6 +230,8 @@ class RunActivities:
         agent = input.agent
         tool_digests = self._check_tools(agent, input.tool_digests)
         resumed = await self._resume(input)
+        if resumed.answer is not None:
+            return await self._answered_before(input, resumed.answer, tool_digests)
         publisher = _TextPublisher(self._stream, input, resumed)
         streamed = _StreamedReply()
         try:
@@ -260,7 +267,48 @@ class RunActivities:
             tool_digests=tool_digests,
         )
         await self._complete_reply(input, reply, streamed.calls())
+        if not reply.tool_calls and not reply.output_error:
+            # The reply is the run's answer: end the run here, so the client has run_completed right after the last
+            # token instead of after another workflow task and a Temporal round trip.
+            outcome = RunOutcome(
+                RunEnd.COMPLETED,
+                output=reply.text,
+                usage=input.usage_before + reply.usage,
+                structured_output=reply.structured_output,
+            )
+            end = await self._end_run(
+                PublishOutcomeInput(input.run_id, reply.last_sequence, outcome, input.conversation_id, input.agent_path)
+            )
+            if not end.closed:  # else the run had already ended another way (cancelled): the workflow says how
+                reply.ended_run = reply.last_sequence = end.last_sequence
         return reply
+
+    async def _answered_before(
+        self, input: CallModelInput, answer: pb.RunEvent, tool_digests: dict[str, str]
+    ) -> ModelReply:
+        """The reply of an earlier attempt that ended the run with it: the model is not asked again, since its
+        answer may differ from the one the client has."""
+        outcome = events.outcome_of(answer)
+        if input.conversation_id:
+            await self._conversations.release_active_run(input.conversation_id, input.run_id)
+        return ModelReply(
+            text=outcome.output,
+            usage=outcome.usage - input.usage_before,
+            last_sequence=answer.sequence,
+            message=_assistant_message(outcome.output, []),
+            structured_output=outcome.structured_output,
+            tool_digests=tool_digests,
+            ended_run=answer.sequence,
+        )
+
+    async def _end_run(self, end: PublishOutcomeInput) -> AppendResult:
+        """Publishes the run's terminal event, then frees its conversation for the next run."""
+        result = await self._stream.append(
+            end.run_id, [events.run_ended(end.outcome)], floor=end.after_sequence, agent_path=end.agent_path
+        )
+        if end.conversation_id:
+            await self._conversations.release_active_run(end.conversation_id, end.run_id)
+        return result
 
     def _check_tools(self, agent: AgentConfig, snapshot: dict[str, str]) -> dict[str, str]:
         """The digests of the agent's tools here; refuses a run whose snapshot needs tools that this worker lacks
@@ -292,7 +340,8 @@ class RunActivities:
             return _Resumed(floor=floor + LOST_SEQUENCE_MARGIN)
         earlier = await self._stream.read_after(input.run_id, input.after_sequence)
         text = "".join(event.text_delta.text for event in earlier if event.HasField("text_delta"))
-        return _Resumed(floor=max(floor, stored), already_sent=text)
+        answer = earlier[-1] if earlier and earlier[-1].HasField("run_completed") else None
+        return _Resumed(floor=max(floor, stored), already_sent=text, answer=answer)
 
     async def _model_messages(self, input: CallModelInput) -> list[dict[str, Any]]:
         agent = input.agent
@@ -403,12 +452,7 @@ class RunActivities:
     @activity.defn
     async def publish_terminal_event(self, input: PublishOutcomeInput) -> int:
         """Publishes the run's last event and frees its conversation; returns the event's sequence."""
-        result = await self._stream.append(
-            input.run_id, [events.run_ended(input.outcome)], floor=input.after_sequence, agent_path=input.agent_path
-        )
-        if input.conversation_id:
-            await self._conversations.release_active_run(input.conversation_id, input.run_id)
-        return result.last_sequence
+        return (await self._end_run(input)).last_sequence
 
 
 def _failure(err: Exception, published: int) -> ApplicationError:
