@@ -64,10 +64,14 @@ log = logging.getLogger("agentrun.server")
 # How the server's connections appear in Redis's CLIENT LIST (the relay's subscription adds "-relay").
 REDIS_CLIENT_NAME = "agentrun-server"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
-MAX_INPUT_BYTES = 1 << 20
+# The input travels in Temporal payloads (Temporal warns past 512 KB, and refuses past 2 MB) and in every model
+# request of the run: 256 KiB keeps each well inside, with the agent's prompt and the conversation beside it.
+MAX_INPUT_BYTES = 256 << 10
 MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN_LENGTH = 4096
+_PAGE_DIGEST_SIZE = 8
 # Approve waits this long for a worker to take the decision before it answers UNAVAILABLE.
 APPROVE_ACCEPT_SECONDS = 5.0
 # Runs asked about in one Temporal visibility query when the relay looks for runs that ended quietly.
@@ -75,7 +79,7 @@ ENDED_QUERY_BATCH = 200
 # Grace for unary calls in flight when the server stops; streams end at once with UNAVAILABLE.
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Set on purpose rather than left to gRPC's defaults: ping idle clients so that a dead one frees its streams,
-# accept clients' keepalive pings every 10 s, and cap messages at 4 MiB (the largest input is 1 MiB).
+# accept clients' keepalive pings every 10 s, and cap messages at 4 MiB (the largest input is 256 KiB).
 # Calls that arrived but that the server has not yet taken up are "pending"; the asyncio server takes them up one
 # at a time, so a burst (every client of a dead replica failing over here) queues thousands. Past gRPC's default of
 # 1,000 it starts cancelling them (clients see CANCELLED); a queued call costs a few KB, so let the burst wait.
@@ -96,7 +100,7 @@ APPROVER_METADATA = "x-agentrun-approver"
 _APPROVAL_ERRORS = {ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION}
 _ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
+_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")  # matched whole (fullmatch): "$" would let a final newline in
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
@@ -111,8 +115,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         )
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
-        if not request.agent:
-            raise invalid("agent", "must name a configured agent")
+        _check_id("agent", request.agent, required=True)  # bounded, so that NOT_FOUND can name it
         if not request.input.strip():
             raise invalid("input", "must not be empty")
         if len(request.input.encode()) > MAX_INPUT_BYTES:
@@ -288,10 +291,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
-        try:
-            token = base64.urlsafe_b64decode(request.page_token) if request.page_token else None
-        except (binascii.Error, ValueError):
-            raise invalid("page_token", "is not a token that ListRuns returned") from None
+        token = _temporal_page_token(request.page_token)
         page = self._temporal.list_workflows(
             f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}'",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
@@ -304,7 +304,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 raise invalid("page_token", "is not a token that ListRuns returned") from None
             raise
         runs = [await _runs.to_run(execution) for execution in page.current_page or []]
-        next_token = base64.urlsafe_b64encode(page.next_page_token).decode() if page.next_page_token else ""
+        next_token = _page_token(page.next_page_token) if page.next_page_token else ""
         return pb.ListRunsResponse(runs=runs, next_page_token=next_token)
 
     async def Approve(self, request: pb.ApproveRequest, context: Context) -> pb.ApproveResponse:
@@ -454,12 +454,40 @@ def _already_ended(run_id: str) -> ApiError:
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run_id!r} has already ended")
 
 
+def _page_token(temporal_token: bytes) -> str:
+    """ListRuns' page token: Temporal's, behind a digest of it."""
+    return base64.urlsafe_b64encode(_page_digest(temporal_token) + temporal_token).decode()
+
+
+def _temporal_page_token(page_token: str) -> bytes | None:
+    """Temporal's page token inside ours; INVALID_ARGUMENT for anything ListRuns did not return.
+
+    Temporal answers a token it cannot parse with UNKNOWN, which its client retries for seconds: garbage must never
+    reach it. The digest is no secret; it tells a token we made from any other string.
+    """
+    if not page_token:
+        return None
+    try:
+        # Strict: the lenient decoder drops characters outside the alphabet, so " " or "*" became no token at all.
+        raw = base64.b64decode(page_token, altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    digest, token = raw[:_PAGE_DIGEST_SIZE], raw[_PAGE_DIGEST_SIZE:]
+    if len(page_token) > MAX_PAGE_TOKEN_LENGTH or not token or digest != _page_digest(token):
+        raise invalid("page_token", "is not a token that ListRuns returned")
+    return token
+
+
+def _page_digest(token: bytes) -> bytes:
+    return hashlib.blake2b(token, digest_size=_PAGE_DIGEST_SIZE, person=b"agentrun:runs:v1").digest()
+
+
 def _check_id(field: str, value: str, *, required: bool) -> None:
     if not value:
         if required:
             raise invalid(field, "must not be empty")
         return
-    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.match(value):
+    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.fullmatch(value):
         raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
 
 
