@@ -151,6 +151,7 @@ class Active:
     repeated: int = 0  # sequence numbers seen twice
     wrong_text: int = 0  # runs whose streamed text is not the model's
     wall_seconds: float = 0.0
+    temporal_calls: dict[str, float] = field(default_factory=dict)  # Temporal frontend calls during the phase
 
 
 async def one_active_run(client: AgentRunClient, prompt: str, expected: str, result: Active) -> None:
@@ -196,12 +197,17 @@ async def active_phase(stack: Stack, client: AgentRunClient, runs: int, tokens: 
     chunks = [f"tok{i} " for i in range(tokens)]
     await add_script(stack, key, [{"chunks": chunks, "delay_ms": token_delay_ms}])
     result = Active(runs, tokens, await model_time(stack, f"Measure {key}."))
+    calls_before = await temporal_requests(stack)
     t0 = time.perf_counter()
     outcomes = await asyncio.gather(
         *(one_active_run(client, f"Run {i} of {key}.", "".join(chunks), result) for i in range(runs)),
         return_exceptions=True,
     )
     result.wall_seconds = time.perf_counter() - t0
+    calls_after = await temporal_requests(stack)
+    result.temporal_calls = {
+        op: n - calls_before.get(op, 0.0) for op, n in calls_after.items() if op not in WORKER_POLLS
+    }
     result.ended_otherwise += [f"{type(err).__name__}: {err}" for err in outcomes if isinstance(err, BaseException)]
     return result
 
@@ -243,6 +249,8 @@ def print_active(active: Active) -> None:
     print(f"  StartRun -> run_completed median (ms)  {ms(active.totals, 50)}")
     print(f"  StartRun -> run_completed p99 (ms)     {ms(active.totals, 99)}")
     print(f"  all {active.runs} runs, first start to last end  {active.wall_seconds:>8.1f} s")
+    busiest = sorted(active.temporal_calls.items(), key=lambda item: -item[1])[:4]
+    print("  Temporal calls per run: " + ", ".join(f"{op} {n / active.runs:.1f}" for op, n in busiest))
 
 
 def machine() -> str:
