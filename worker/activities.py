@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from shared import events
+from shared import events, telemetry
 from shared.agents import AgentConfig
 from shared.contract import (
     CallModelInput,
@@ -35,6 +36,7 @@ from shared.contract import (
 )
 from shared.conversations import ConversationStore
 from shared.run_stream import RunStreamWriter
+from worker import _telemetry
 from worker.tools import ToolContext, ToolError, ToolRegistry
 
 # How often a running activity tells Temporal it is alive. Cancellation reaches
@@ -162,14 +164,22 @@ class _StreamedReply:
         self.text: list[str] = []
         self.usage = Usage()
         self._calls: dict[int, dict[str, str]] = {}
+        # What the reply says about itself, for its trace.
+        self.model = ""
+        self.id = ""
+        self.finish_reasons: list[str] = []
 
     def add(self, chunk: dict[str, Any]) -> str:
         """Takes in one chunk (a ``chat.completion.chunk`` as JSON); returns its text."""
         if chunk.get("usage"):
             self.usage = _usage_from(chunk["usage"])
+        if not self.model:
+            self.model, self.id = chunk.get("model") or "", chunk.get("id") or ""
         text = ""
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
+            if choice.get("finish_reason"):
+                self.finish_reasons.append(choice["finish_reason"])
             for piece in delta.get("tool_calls") or ():
                 call = self._calls.setdefault(piece.get("index", 0), {"id": "", "name": "", "arguments": ""})
                 call["id"] = piece.get("id") or call["id"]
@@ -218,10 +228,16 @@ class RunActivities:
         self._stream = stream
         self._tools = tools
         self._conversations = conversations
+        self._base_url = str(model.base_url)
 
     @activity.defn
     async def call_model(self, input: CallModelInput) -> ModelReply:
         """Streams one model reply, publishing its text to the run's stream as it arrives."""
+        call = _telemetry.ModelCall(input.agent, self._base_url, input.round)
+        with call.span() as span:
+            return await self._call_model(input, call, span)
+
+    async def _call_model(self, input: CallModelInput, call: _telemetry.ModelCall, span: Any) -> ModelReply:
         agent = input.agent
         tool_digests = self._check_tools(agent, input.tool_digests)
         resumed = await self._resume(input)
@@ -240,6 +256,8 @@ class RunActivities:
                     **_request_options(agent, self._tools.specs(agent.tools) if _offers_tools(input) else []),
                 ) as response:
                     async for chunk in _chunks(response):
+                        if not call.first_chunk_at:
+                            call.first_chunk_at = time.perf_counter()
                         if publisher.add(streamed.add(chunk)) and publisher.idle:
                             # Let the publisher send now, even when more chunks are already buffered; while a
                             # write is in flight, the text waits for the next one anyway.
@@ -260,6 +278,16 @@ class RunActivities:
             tool_digests=tool_digests,
         )
         await self._complete_reply(input, reply, streamed.calls())
+        call.finish(
+            span,
+            reply.usage,
+            response_model=streamed.model,
+            response_id=streamed.id,
+            finish_reasons=streamed.finish_reasons,
+            messages=messages,
+            text=reply.text,
+            calls=reply.tool_calls,
+        )
         return reply
 
     def _check_tools(self, agent: AgentConfig, snapshot: dict[str, str]) -> dict[str, str]:
@@ -369,15 +397,19 @@ class RunActivities:
             call_id=input.call_id,
             idempotency_key=f"{input.run_id}:{input.call_id}",
         )
-        try:
-            async with _heartbeating():
-                arguments = self._tools.parse_arguments(input.name, input.arguments)
-                result = await self._tools.run(input.name, arguments, context)
-            outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
-        except ToolError as err:
-            outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
-        except Exception as err:
-            outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{type(err).__name__}: {err}")
+        with _telemetry.tool_call(
+            input.name, input.call_id, input.arguments, record_content=input.trace_content
+        ) as span:
+            try:
+                async with _heartbeating():
+                    arguments = self._tools.parse_arguments(input.name, input.arguments)
+                    result = await self._tools.run(input.name, arguments, context)
+                outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
+            except ToolError as err:
+                outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
+            except Exception as err:
+                outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{type(err).__name__}: {err}")
+            _telemetry.tool_ended(span, input.name, outcome, record_content=input.trace_content)
         published = await self._stream.append(
             input.run_id,
             [events.tool_call_finished(input.call_id, input.name, outcome)],
@@ -391,6 +423,11 @@ class RunActivities:
     @activity.defn
     async def publish_events(self, input: PublishEventsInput) -> int:
         """Publishes events that the workflow itself produces; returns the last sequence."""
+        for event in input.events:
+            if event.approval_requested is not None:
+                _telemetry.approval_requested(input.run_id, event.approval_requested)
+            elif event.approval_decided is not None:
+                _telemetry.approval_decided(input.run_id, event.approval_decided)
         result = await self._stream.append(
             input.run_id,
             [events.workflow_event(event) for event in input.events],
@@ -408,6 +445,7 @@ class RunActivities:
         )
         if input.conversation_id:
             await self._conversations.release_active_run(input.conversation_id, input.run_id)
+        telemetry.instruments().runs_ended.add(1, {"agentrun.run.outcome": input.outcome.end.removeprefix("run_")})
         return result.last_sequence
 
 
