@@ -32,7 +32,8 @@ PROMPT = "please echo this"
 
 @dataclass
 class Scenario:
-    """One traced run with a tool call that waited for approval, and one plain run, as the collector saw them."""
+    """One traced run with a tool call that waited for approval, and one plain run whose model call failed once and
+    was retried, as the collector saw them."""
 
     collector: otlp.Collector
     trace_id: str
@@ -108,8 +109,10 @@ async def scenario(temporal_env: WorkflowEnvironment, redis_url: str, model: Mod
             # The approver is another service, in a trace of its own; so is a watcher that comes back later.
             await client.approve(started.run_id, requested.approval_id, pb.APPROVAL_DECISION_APPROVE, approver="ops")
             events += [e async for e in client.stream_run(started.run_id, after_sequence=events[-1].sequence)]
+            # The model endpoint is overloaded at first: the model call is retried.
+            flaky = model.script({"error": {"status": 503, "message": "busy", "retry_after": 0}}, {"text": "at last"})
             plain = await client.stub.StartRun(
-                pb.StartRunRequest(agent="assistant", input="a plain question", request_id=uuid.uuid4().hex)
+                pb.StartRunRequest(agent="flaky", input=flaky, request_id=uuid.uuid4().hex)
             )
             plain_events = [e async for e in client.stream_run(plain.run_id)]
         # The collector answers on this event loop: flush from another thread.
@@ -136,7 +139,7 @@ async def scenario(temporal_env: WorkflowEnvironment, redis_url: str, model: Mod
         def complete() -> bool:
             return whole(
                 started.trace_id, "caller", "RunActivity:publish_terminal_event", "approval.decision echo"
-            ) and whole(plain.trace_id, "RunActivity:publish_terminal_event")
+            ) and whole(plain.trace_id, "chat offline", "RunActivity:publish_terminal_event")
 
         await until(complete, collector)
         yield scenario
@@ -248,7 +251,8 @@ async def test_the_model_span_follows_the_genai_conventions(scenario: Scenario) 
     assert tool["gen_ai.tool.call.id"] == scenario.call_id == "call-echo-1"
     assert (tool["gen_ai.tool.call.arguments"], tool["gen_ai.tool.call.result"]) == ('{"text": "hello"}', "hello")
     # An agent without trace_content keeps its content out of traces.
-    plain = by_name(scenario.collector.trace(scenario.plain_trace_id), "chat offline")[0].attributes
+    plain_rounds = by_name(scenario.collector.trace(scenario.plain_trace_id), "chat offline")
+    plain = next(s.attributes for s in plain_rounds if "error.type" not in s.attributes)
     assert plain["gen_ai.usage.output_tokens"] > 0
     assert not {"gen_ai.input.messages", "gen_ai.output.messages"} & set(plain)
 
@@ -286,6 +290,23 @@ async def test_an_approval_is_a_request_span_and_a_decision_span_linked_to_it(sc
     assert handled.links and all(trace_id == server_approve.trace_id for trace_id, _ in handled.links)
 
 
+async def test_a_retried_model_call_stays_in_the_run_s_trace(scenario: Scenario) -> None:
+    spans = scenario.collector.trace(scenario.plain_trace_id)
+    assert scenario.plain_events[-1].run_completed.output == "at last"
+    attempts = sorted(by_name(spans, "RunActivity:call_model"), key=lambda s: s.proto.start_time_unix_nano)
+    assert len(attempts) == 2
+    # Both attempts are children of the one StartActivity span of the call.
+    assert attempts[0].parent_id == attempts[1].parent_id
+    by_id = {s.span_id: s for s in spans}
+    assert by_id[attempts[0].parent_id].name == "StartActivity:call_model"
+    failed, answered = (
+        next(s for s in spans if s.parent_id == a.span_id and s.name == "chat offline") for a in attempts
+    )
+    assert failed.attributes["error.type"] == "ModelUnavailable"
+    assert failed.proto.status.code == failed.proto.status.STATUS_CODE_ERROR
+    assert "error.type" not in answered.attributes and answered.attributes["gen_ai.usage.output_tokens"] > 0
+
+
 def total(collector: otlp.Collector, name: str, **attributes: Any) -> float:
     return sum(
         value
@@ -315,14 +336,14 @@ async def test_the_run_produced_its_metrics(scenario: Scenario) -> None:
             total(collector, "agentrun.runs.ended", **{"agentrun.run.outcome": "completed"}) == 2
             and total(collector, "agentrun.stream.events") == delivered
             and total(collector, "agentrun.streams.open") == 0
-            and count(collector, "gen_ai.client.operation.duration") == 3
+            and count(collector, "gen_ai.client.operation.duration") == 4
         )
 
     await until(exported, collector)
     units = {metric.name: metric.proto.unit for metric in collector.metrics}
     assert {name: units.get(name) for name in EXPECTED_UNITS} == EXPECTED_UNITS
     assert total(collector, "agentrun.runs.started", **{"gen_ai.agent.name": "traced"}) == 1
-    assert total(collector, "agentrun.runs.started", **{"gen_ai.agent.name": "assistant"}) == 1
+    assert total(collector, "agentrun.runs.started", **{"gen_ai.agent.name": "flaky"}) == 1
     model = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "offline"}
     assert total(collector, "gen_ai.client.token.usage", **model, **{"gen_ai.token.type": "input"}) == (
         usage.prompt_tokens + plain_usage.prompt_tokens
@@ -330,7 +351,9 @@ async def test_the_run_produced_its_metrics(scenario: Scenario) -> None:
     assert total(collector, "gen_ai.client.token.usage", **model, **{"gen_ai.token.type": "output"}) == (
         usage.completion_tokens + plain_usage.completion_tokens
     )
-    assert count(collector, "gen_ai.client.operation.duration", **model) == 3
+    # Three model calls answered and one failed (the endpoint was overloaded), with the activity's error type.
+    assert count(collector, "gen_ai.client.operation.duration", **model) == 4
+    assert count(collector, "gen_ai.client.operation.duration", **{"error.type": "ModelUnavailable"}) == 1
     assert count(collector, "gen_ai.client.operation.time_to_first_chunk", **model) == 3
     assert (
         0

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from temporalio.exceptions import ApplicationError
 
 from shared import telemetry
 from shared.agents import AgentConfig
@@ -62,8 +63,10 @@ class ModelCall:
             try:
                 yield span
             except BaseException as err:
-                span.set_attribute("error.type", type(err).__name__)
-                self._record(None, "", error=type(err).__name__)
+                # The activity's error type (ModelUnavailable, ModelRejected, ...) says more than its class.
+                error = (err.type if isinstance(err, ApplicationError) else None) or type(err).__name__
+                span.set_attribute("error.type", error)
+                self._record(None, "", error=error)
                 raise
 
     def finish(
