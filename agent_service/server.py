@@ -558,7 +558,7 @@ async def serve(
     temporal = temporal or await connect_temporal(settings)
     redis_client = redis_client or connect_redis(settings, name=REDIS_CLIENT_NAME, wait_out_outages=False)
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]
-    if telemetry.enabled():
+    if telemetry.enabled() and "grpc" not in telemetry.disabled_instrumentations():
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
         # Outermost, so that its span sees the status that ErrorMapping gives each error. AgentService's calls

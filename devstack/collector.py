@@ -176,3 +176,54 @@ def tree(spans: list[Span]) -> Iterator[str]:
 
     for root in roots:
         yield from lines(root, 0)
+
+
+async def print_traces(collector: Collector, *, quiet_seconds: float = 2.0) -> None:
+    """Prints each trace as a tree once no span of it has arrived for ``quiet_seconds``."""
+    printed: set[str] = set()
+    sizes: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(quiet_seconds)
+        by_trace: dict[str, list[Span]] = {}
+        for span in collector.spans:
+            by_trace.setdefault(span.trace_id, []).append(span)
+        for trace_id, spans in by_trace.items():
+            if trace_id in printed:
+                continue
+            if sizes.get(trace_id) == len(spans):
+                printed.add(trace_id)
+                print(f"trace {trace_id} ({len(spans)} spans)")
+                for line in tree(spans):
+                    print(f"  {line}")
+                print(flush=True)
+            sizes[trace_id] = len(spans)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Receive OTLP over gRPC and print each trace as a tree.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4317, help="4317 is OTLP/gRPC's usual port")
+    parser.add_argument("--quiet", action="store_true", help="receive and count, print nothing")
+    args = parser.parse_args()
+
+    async def run() -> None:
+        server, port, collector = await serve(args.host, args.port)
+        print(f"OTLP/gRPC receiver on {args.host}:{port}: set OTEL_EXPORTER_OTLP_ENDPOINT=http://{args.host}:{port}")
+        try:
+            if args.quiet:
+                await server.wait_for_termination()
+            else:
+                await print_traces(collector)
+        finally:
+            await server.stop(0)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -68,7 +68,7 @@ async def connect_temporal(settings: Settings) -> Client:
     from shared import telemetry
 
     interceptors = []
-    if telemetry.enabled():
+    if telemetry.enabled() and "temporal" not in telemetry.disabled_instrumentations():
         from temporalio.contrib.opentelemetry import TracingInterceptor
 
         interceptors.append(TracingInterceptor())

@@ -35,6 +35,7 @@ SCOPE = "agentrun"
 LOG_FORMAT_VARIABLE = "AGENTRUN_LOG_FORMAT"
 
 _enabled = False
+_set_up = False
 # The run a log record belongs to, where the code knows it (a gRPC call about a run).
 current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("agentrun_run_id", default="")
 # A span id chosen by the caller instead of a random one: see ``approval_span_id``.
@@ -42,7 +43,7 @@ _chosen_span_id: contextvars.ContextVar[int] = contextvars.ContextVar("agentrun_
 
 
 def enabled() -> bool:
-    """Whether this process traces (``setup`` found an exporter to use)."""
+    """Whether this process traces (``setup`` found a span exporter to use)."""
     return _enabled
 
 
@@ -53,6 +54,12 @@ def _exporter_names(kind: str) -> list[str]:
     if not names and (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{kind}_ENDPOINT")):
         names = ["otlp"]
     return [n for n in names if n != "none"]
+
+
+def disabled_instrumentations() -> set[str]:
+    """The instrumentations that ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` turns off: ``grpc``, ``redis``,
+    ``temporal``."""
+    return {n.strip() for n in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",") if n.strip()}
 
 
 def _protocol(kind: str) -> str:
@@ -67,16 +74,19 @@ class _IdGenerator(RandomIdGenerator):
         return _chosen_span_id.get() or super().generate_span_id()
 
 
-def setup(service_name: str) -> bool:
-    """Installs tracing, metrics and their instrumentation as the ``OTEL_*`` variables say; returns whether any
-    signal is exported. Call once per process, before connecting to Temporal and Redis."""
-    global _enabled
+def setup(service_name: str) -> None:
+    """Installs tracing, metrics and their instrumentation as the ``OTEL_*`` variables say. Call before connecting
+    to Temporal and Redis; a second call changes nothing."""
+    global _enabled, _set_up
     configure_logging()
+    if _set_up:  # the dev stack runs the server and the worker in one process
+        return
+    _set_up = True
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
+        return
     traces, metric_exporters = _exporter_names("TRACES"), _exporter_names("METRICS")
     if not traces and not metric_exporters:
-        return False
+        return
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
     attributes: dict[str, Any] = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
@@ -90,9 +100,10 @@ def setup(service_name: str) -> bool:
         for name in traces:
             provider.add_span_processor(BatchSpanProcessor(_span_exporter(name)))
         trace.set_tracer_provider(provider)
-        from opentelemetry.instrumentation.redis import RedisInstrumentor
+        if "redis" not in disabled_instrumentations():
+            from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-        RedisInstrumentor().instrument(tracer_provider=provider)
+            RedisInstrumentor().instrument(tracer_provider=provider)
         _enabled = True
     if metric_exporters:
         from opentelemetry.sdk.metrics import MeterProvider
@@ -101,7 +112,6 @@ def setup(service_name: str) -> bool:
         readers = [PeriodicExportingMetricReader(_metric_exporter(name)) for name in metric_exporters]
         metrics.set_meter_provider(MeterProvider(metric_readers=readers, resource=resource))
     log.info("telemetry on: traces to %s, metrics to %s", traces or "nowhere", metric_exporters or "nowhere")
-    return True
 
 
 def _sampler() -> Any:
