@@ -27,6 +27,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from temporalio import activity
 
 log = logging.getLogger("agentrun.telemetry")
 
@@ -254,6 +255,9 @@ def _correlation(record: logging.LogRecord) -> _Record:
             if isinstance(details, dict) and details.get("workflow_id"):
                 run_id = str(details["workflow_id"])
                 break
+    if not run_id and activity.in_activity():
+        # Any logger in an activity (the model client's, a tool's): the activity knows its run.
+        run_id = activity.info().workflow_id or ""
     return _Record(trace_id, span_id, run_id)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +47,7 @@ class Scenario:
     plain_run_id: str
     plain_trace_id: str
     plain_events: list[pb.RunEvent]
+    worker_log: Path  # the worker's log, as JSON
 
 
 async def until(condition: Callable[[], bool], collector: otlp.Collector) -> None:
@@ -54,7 +57,9 @@ async def until(condition: Callable[[], bool], collector: otlp.Collector) -> Non
 
 
 @pytest.fixture(scope="module")
-async def scenario(temporal_env: WorkflowEnvironment, redis_url: str, model: Model) -> AsyncIterator[Scenario]:
+async def scenario(
+    temporal_env: WorkflowEnvironment, redis_url: str, model: Model, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Scenario]:
     unique = uuid.uuid4().hex[:12]
     settings = Settings(
         temporal_address=temporal_env.client.service_client.config.target_host,
@@ -78,7 +83,12 @@ async def scenario(temporal_env: WorkflowEnvironment, redis_url: str, model: Mod
         OTEL_METRIC_EXPORT_INTERVAL="300",
     )
     port = free_port()
-    processes = [await spawn("server", "--port", str(port), env=env), await spawn("worker", env=env)]
+    worker_log = tmp_path_factory.mktemp("telemetry") / "worker.log"
+    with worker_log.open("wb") as log:  # the child keeps its own copy
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentrun.cli", "worker", env={**env, "AGENTRUN_LOG_FORMAT": "json"}, stderr=log
+        )
+    processes = [await spawn("server", "--port", str(port), env=env), worker]
     provider = TracerProvider(resource=Resource.create({"service.name": CLIENT_SERVICE}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
     tracer = provider.get_tracer("tests")
@@ -128,6 +138,7 @@ async def scenario(temporal_env: WorkflowEnvironment, redis_url: str, model: Mod
             plain.run_id,
             plain.trace_id,
             plain_events,
+            worker_log,
         )
 
         def whole(trace_id: str, *names: str) -> bool:
@@ -377,3 +388,11 @@ EXPECTED_UNITS = {
     "agentrun.streams.open": "{stream}",
     "agentrun.stream.events": "{event}",
 }
+
+
+async def test_the_worker_s_json_logs_carry_the_trace_and_the_run(scenario: Scenario) -> None:
+    entries = [json.loads(line) for line in scenario.worker_log.read_text().splitlines() if line.startswith("{")]
+    assert entries and all({"time", "level", "logger", "message"} <= set(entry) for entry in entries)
+    # The model client logs each request it makes: in the activity, so with the run's trace and id.
+    requests = [e for e in entries if "/chat/completions" in e["message"] and e.get("run_id") == scenario.run_id]
+    assert requests and {e["trace_id"] for e in requests} == {scenario.trace_id}
