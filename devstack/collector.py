@@ -8,6 +8,8 @@ traces and metrics of real server and worker processes; ``agentrun dev --trace``
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,19 +180,23 @@ def tree(spans: list[Span]) -> Iterator[str]:
         yield from lines(root, 0)
 
 
-async def print_traces(collector: Collector, *, quiet_seconds: float = 2.0) -> None:
-    """Prints each trace as a tree once no span of it has arrived for ``quiet_seconds``."""
+async def print_traces(
+    collector: Collector, stop: asyncio.Event, *, only: str = "", quiet_seconds: float = 2.0
+) -> None:
+    """Prints each trace as a tree once no span of it has arrived for ``quiet_seconds``, and when ``stop`` is set,
+    every trace not printed yet; with ``only``, the traces that a service whose name starts with it took part in."""
     printed: set[str] = set()
     sizes: dict[str, int] = {}
-    while True:
-        await asyncio.sleep(quiet_seconds)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), quiet_seconds)
         by_trace: dict[str, list[Span]] = {}
         for span in collector.spans:
             by_trace.setdefault(span.trace_id, []).append(span)
         for trace_id, spans in by_trace.items():
-            if trace_id in printed:
+            if trace_id in printed or not any(span.service.startswith(only) for span in spans):
                 continue
-            if sizes.get(trace_id) == len(spans):
+            if sizes.get(trace_id) == len(spans) or stop.is_set():
                 printed.add(trace_id)
                 print(f"trace {trace_id} ({len(spans)} spans)")
                 for line in tree(spans):
@@ -205,24 +211,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Receive OTLP over gRPC and print each trace as a tree.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4317, help="4317 is OTLP/gRPC's usual port")
-    parser.add_argument("--quiet", action="store_true", help="receive and count, print nothing")
+    parser.add_argument("--quiet", action="store_true", help="receive, print nothing")
+    parser.add_argument("--only", default="", metavar="PREFIX", help="print only traces of services named so")
     args = parser.parse_args()
 
     async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         server, port, collector = await serve(args.host, args.port)
         print(f"OTLP/gRPC receiver on {args.host}:{port}: set OTEL_EXPORTER_OTLP_ENDPOINT=http://{args.host}:{port}")
         try:
             if args.quiet:
-                await server.wait_for_termination()
+                await stop.wait()
             else:
-                await print_traces(collector)
+                await print_traces(collector, stop, only=args.only)
         finally:
             await server.stop(0)
 
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -396,3 +397,28 @@ async def test_the_worker_s_json_logs_carry_the_trace_and_the_run(scenario: Scen
     # The model client logs each request it makes: in the activity, so with the run's trace and id.
     requests = [e for e in entries if "/chat/completions" in e["message"] and e.get("run_id") == scenario.run_id]
     assert requests and {e["trace_id"] for e in requests} == {scenario.trace_id}
+
+
+async def test_agentrun_dev_prints_the_demo_run_s_trace_as_a_tree() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REDIS_URL", "AGENTRUN_", "OTEL_"))}
+    ports = [str(free_port()) for _ in range(3)]
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "agentrun.cli", "dev", "--once", "--trace", "--prompt", "say hello"),
+        *("--port", ports[0], "--temporal-port", ports[1], "--ui-port", ports[2]),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    text = output.decode()
+
+    assert process.returncode == 0, text
+    assert "You said: say hello" in text
+    lines = text.splitlines()
+    # The run's trace, each span indented under its parent.
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(START_RUN))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    assert lines[start + 1].startswith(" " * (indent + 2) + "StartWorkflow:AgentRunWorkflow  [agentrun-dev]")
+    assert any(line.strip().startswith("chat gpt-4o-mini  [agentrun-dev]") for line in lines[start:])
+    # The Temporal dev server exports its own traces too when asked; they are not printed.
+    assert "io.temporal" not in text
