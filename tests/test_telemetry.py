@@ -9,7 +9,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ async def scenario(
     receiver, receiver_port, collector = await otlp.serve()
     endpoint = f"http://127.0.0.1:{receiver_port}"
     env = service_env(
-        replace(settings),
+        settings,
         OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
         OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
         OTEL_TRACES_EXPORTER="otlp",
