@@ -52,7 +52,7 @@ class Scenario:
 
 
 async def until(condition: Callable[[], bool], collector: otlp.Collector) -> None:
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(120):  # a bound for a stuck export, not a measure
         while not condition():
             await collector.wait()
 
