@@ -17,6 +17,7 @@ import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 from temporalio.client import (
     Client,
     WorkflowExecution,
@@ -33,7 +34,7 @@ from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal
 from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
-from shared import events
+from shared import events, telemetry
 from shared.agents import AgentConfig, load_agents
 from shared.contract import (
     DECIDE_APPROVAL_UPDATE,
@@ -55,6 +56,7 @@ from shared.run_stream import (
     mark_started,
     pending_approvals,
     read_range,
+    run_traceparent,
     stream_exists,
 )
 from shared.settings import Settings, connect_redis, connect_temporal, stop_on_signals
@@ -76,6 +78,8 @@ _PAGE_DIGEST_SIZE = 8
 APPROVE_ACCEPT_SECONDS = 5.0
 # Runs asked about in one Temporal visibility query when the relay looks for runs that ended quietly.
 ENDED_QUERY_BATCH = 200
+# StreamRun adds the events it relayed to the metric in batches of this many, not one call per event.
+EVENTS_METRIC_BATCH = 64
 # Grace for unary calls in flight when the server stops; streams end at once with UNAVAILABLE.
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Set on purpose rather than left to gRPC's defaults: ping idle clients so that a dead one frees its streams,
@@ -163,12 +167,21 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if conversation:
                 await self._conversations.release_active_run(conversation, run_id)
             raise
+        # The run's trace is the one of the StartRun that started it: a duplicate StartRun answers with that one.
+        traceparent = telemetry.traceparent()
         # Lets StreamRun follow the run before its first event without asking Temporal; without it, it asks.
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            await mark_started(
-                self._redis, self._settings.redis_prefix, run_id, ttl_seconds=self._settings.stream_ttl_seconds
+            traceparent = await mark_started(
+                self._redis,
+                self._settings.redis_prefix,
+                run_id,
+                ttl_seconds=self._settings.stream_ttl_seconds,
+                traceparent=traceparent,
             )
-        return pb.StartRunResponse(run_id=run_id)
+        telemetry.instruments().runs_started.add(1, {"gen_ai.agent.name": agent.name})
+        run_trace = telemetry.span_context_of(traceparent)
+        trace_id = f"{run_trace.trace_id:032x}" if run_trace is not None else telemetry.trace_id_hex()
+        return pb.StartRunResponse(run_id=run_id, trace_id=trace_id)
 
     async def _claim_conversation(self, conversation: str, run_id: str, agent: AgentConfig) -> None:
         """One active run per conversation; a claim left by a run that has ended is taken over."""
@@ -195,6 +208,77 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if request.after_sequence < 0:
             raise invalid("after_sequence", "must not be negative")
         run_id, after = request.run_id, request.after_sequence
+        telemetry.current_run_id.set(run_id)
+        span = await self._stream_span(context, run_id) if telemetry.enabled() else None
+        metrics = telemetry.instruments()
+        metrics.open_streams.add(1)
+        relayed = 0
+        try:
+            async for response in self._stream(run_id, after):
+                if relayed == EVENTS_METRIC_BATCH:
+                    metrics.stream_events.add(relayed)
+                    relayed = 0
+                relayed += 1
+                yield response
+        except Exception as err:
+            if span is not None:
+                span.record_exception(err)
+                span.set_status(trace.StatusCode.ERROR, str(err))
+            raise
+        finally:
+            metrics.open_streams.add(-1)
+            if relayed:
+                metrics.stream_events.add(relayed)
+            if span is not None:
+                span.end()
+
+    async def _stream_span(self, context: Context, run_id: str) -> trace.Span:
+        """StreamRun's server span, in the caller's trace and linked to the run's.
+
+        Made here rather than by the gRPC instrumentation, whose span is the current one across the stream's
+        yields: a client that goes away closes the stream from another context, where detaching it fails. This
+        one is current nowhere, and ended when the stream ends.
+        """
+        from opentelemetry import propagate
+
+        carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        links = []
+        run_trace = await self._run_trace(run_id)
+        if run_trace is not None:
+            links.append(trace.Link(run_trace, {"agentrun.run_id": run_id}))
+        return telemetry.tracer().start_span(
+            f"/{SERVICE_NAME}/StreamRun",
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.SERVER,
+            links=links,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": SERVICE_NAME,
+                "rpc.method": "StreamRun",
+                "agentrun.run_id": run_id,
+            },
+        )
+
+    async def _run_trace(self, run_id: str) -> trace.SpanContext | None:
+        """The span of the StartRun that started the run, when it was traced and Redis still has its mark."""
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            return telemetry.span_context_of(await run_traceparent(self._redis, self._settings.redis_prefix, run_id))
+        return None
+
+    async def _link_to_run_trace(self, run_id: str, approval_id: str = "") -> None:
+        """Links the call's span to the trace of the run it is about (a watcher's or approver's call has a trace of
+        its own): to the span of the StartRun that started it, or to the approval's request span."""
+        run_trace = await self._run_trace(run_id)
+        if run_trace is None:
+            return
+        attributes = {"agentrun.run_id": run_id}
+        if approval_id:
+            span_id = telemetry.approval_span_id(run_id, approval_id)
+            run_trace = trace.SpanContext(run_trace.trace_id, span_id, True, run_trace.trace_flags)
+            attributes["agentrun.approval.id"] = approval_id
+        trace.get_current_span().add_link(run_trace, attributes)
+
+    async def _stream(self, run_id: str, after: int) -> AsyncIterator[pb.StreamRunResponse]:
         async with self.relay.watch(run_id) as watch:
             if after > 0:
                 # A client that reconnects gets the approval requests still waiting for
@@ -318,6 +402,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if request.arguments_sha256 and not _SHA256_PATTERN.match(request.arguments_sha256):
             raise invalid("arguments_sha256", "must be 64 lowercase hexadecimal digits")
         approver = approver_of(context)
+        telemetry.current_run_id.set(request.run_id)
+        if telemetry.enabled():
+            await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
         recorded = await _runs.recorded_approval(execution, request.approval_id)
         if recorded is None and not await self._is_pending_in_redis(request.run_id, request.approval_id):
@@ -503,7 +590,15 @@ async def serve(
     agents = load_agents(settings.agents_file)
     temporal = temporal or await connect_temporal(settings)
     redis_client = redis_client or connect_redis(settings, name=REDIS_CLIENT_NAME, wait_out_outages=False)
-    server = grpc.aio.server(interceptors=[ErrorMapping()], options=SERVER_OPTIONS)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]
+    if telemetry.enabled() and "grpc" not in telemetry.disabled_instrumentations():
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        # Outermost, so that its span sees the status that ErrorMapping gives each error. AgentService's calls
+        # only: StreamRun makes its own span, and health checks and reflection are not requests anyone follows.
+        traced = filters.all_of(filters.service_name(SERVICE_NAME), filters.negate(filters.method_name("StreamRun")))
+        interceptors.insert(0, aio_server_interceptor(filter_=traced))  # type: ignore[no-untyped-call]
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     service = AgentService(settings, temporal, redis_client, agents)
     pb_grpc.add_AgentServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -537,8 +632,10 @@ async def shutdown(server: grpc.aio.Server, grace: float = SHUTDOWN_GRACE_SECOND
 
 async def run_server(settings: Settings, *, port: int, host: str, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
+    telemetry.setup("agentrun-server")
     server, bound = await serve(settings, port=port, host=host)
     log.info("AgentService listening on %s:%d (task queue %r)", host, bound, settings.task_queue)
     await stop.wait()
     log.info("server shutting down")
     await shutdown(server)
+    telemetry.shutdown()

@@ -131,6 +131,8 @@ class Approval:
     approver: str = ""
     reason: str = ""
     timed_out: bool = False
+    # When the run asked (RFC 3339, UTC); empty in runs that predate it.
+    requested_at: str = ""
 
 
 @dataclass
@@ -212,6 +214,8 @@ class RunToolInput:
     agent_path: list[str] = field(default_factory=list)
     # The tool's schema digest in the run's snapshot; empty for runs that predate snapshots of tools.
     tool_digest: str = ""
+    # Whether the call's arguments and result go into its trace (the agent's trace_content).
+    trace_content: bool = False
 
 
 @dataclass

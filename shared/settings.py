@@ -63,7 +63,18 @@ class Settings:
 
 
 async def connect_temporal(settings: Settings) -> Client:
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    """A Temporal client; when the process traces, Temporal's OpenTelemetry interceptor carries the trace into
+    workflow and activity headers (a worker built on this client traces its workflows and activities too)."""
+    from shared import telemetry
+
+    interceptors = []
+    if telemetry.enabled() and "temporal" not in telemetry.disabled_instrumentations():
+        from temporalio.contrib.opentelemetry import TracingInterceptor
+
+        interceptors.append(TracingInterceptor())
+    return await Client.connect(
+        settings.temporal_address, namespace=settings.temporal_namespace, interceptors=interceptors
+    )
 
 
 # Connections a process opens to Redis at most; more callers wait for a free one instead of failing.

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from agentrun.v1 import agent_service_pb2 as pb
-from shared import events
+from shared import events, telemetry
 from shared.agents import AgentConfig
 from shared.contract import (
     CallModelInput,
@@ -38,6 +39,7 @@ from shared.contract import (
 )
 from shared.conversations import ConversationStore
 from shared.run_stream import AppendResult, RunStreamWriter
+from worker import _telemetry
 from worker.tools import ToolContext, ToolError, ToolRegistry
 
 # How often a running activity tells Temporal it is alive. Cancellation reaches
@@ -167,14 +169,22 @@ class _StreamedReply:
         self.text: list[str] = []
         self.usage = Usage()
         self._calls: dict[int, dict[str, str]] = {}
+        # What the reply says about itself, for its trace.
+        self.model = ""
+        self.id = ""
+        self.finish_reasons: list[str] = []
 
     def add(self, chunk: dict[str, Any]) -> str:
         """Takes in one chunk (a ``chat.completion.chunk`` as JSON); returns its text."""
         if chunk.get("usage"):
             self.usage = _usage_from(chunk["usage"])
+        if not self.model:
+            self.model, self.id = chunk.get("model") or "", chunk.get("id") or ""
         text = ""
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
+            if choice.get("finish_reason"):
+                self.finish_reasons.append(choice["finish_reason"])
             for piece in delta.get("tool_calls") or ():
                 call = self._calls.setdefault(piece.get("index", 0), {"id": "", "name": "", "arguments": ""})
                 call["id"] = piece.get("id") or call["id"]
@@ -223,10 +233,16 @@ class RunActivities:
         self._stream = stream
         self._tools = tools
         self._conversations = conversations
+        self._base_url = str(model.base_url)
 
     @activity.defn
     async def call_model(self, input: CallModelInput) -> ModelReply:
         """Streams one model reply, publishing its text to the run's stream as it arrives."""
+        call = _telemetry.ModelCall(input.agent, self._base_url, input.round)
+        with call.span() as span:
+            return await self._call_model(input, call, span)
+
+    async def _call_model(self, input: CallModelInput, call: _telemetry.ModelCall, span: Any) -> ModelReply:
         agent = input.agent
         tool_digests = self._check_tools(agent, input.tool_digests)
         resumed = await self._resume(input)
@@ -247,6 +263,8 @@ class RunActivities:
                     **_request_options(agent, self._tools.specs(agent.tools) if _offers_tools(input) else []),
                 ) as response:
                     async for chunk in _chunks(response):
+                        if not call.first_chunk_at:
+                            call.first_chunk_at = time.perf_counter()
                         if publisher.add(streamed.add(chunk)) and publisher.idle:
                             # Let the publisher send now, even when more chunks are already buffered; while a
                             # write is in flight, the text waits for the next one anyway.
@@ -267,6 +285,16 @@ class RunActivities:
             tool_digests=tool_digests,
         )
         await self._complete_reply(input, reply, streamed.calls())
+        call.finish(
+            span,
+            reply.usage,
+            response_model=streamed.model,
+            response_id=streamed.id,
+            finish_reasons=streamed.finish_reasons,
+            messages=messages,
+            text=reply.text,
+            calls=reply.tool_calls,
+        )
         if not reply.tool_calls and not reply.output_error:
             # The reply is the run's answer: end the run here, so the client has run_completed right after the last
             # token instead of after another workflow task and a Temporal round trip.
@@ -308,6 +336,8 @@ class RunActivities:
         )
         if end.conversation_id:
             await self._conversations.release_active_run(end.conversation_id, end.run_id)
+        if not result.closed:  # this append ended the run (a retry, or a run ended otherwise, adds nothing)
+            telemetry.instruments().runs_ended.add(1, {"agentrun.run.outcome": end.outcome.end.removeprefix("run_")})
         return result
 
     def _check_tools(self, agent: AgentConfig, snapshot: dict[str, str]) -> dict[str, str]:
@@ -418,15 +448,19 @@ class RunActivities:
             call_id=input.call_id,
             idempotency_key=f"{input.run_id}:{input.call_id}",
         )
-        try:
-            async with _heartbeating():
-                arguments = self._tools.parse_arguments(input.name, input.arguments)
-                result = await self._tools.run(input.name, arguments, context)
-            outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
-        except ToolError as err:
-            outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
-        except Exception as err:
-            outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{type(err).__name__}: {err}")
+        with _telemetry.tool_call(
+            input.name, input.call_id, input.arguments, record_content=input.trace_content
+        ) as span:
+            try:
+                async with _heartbeating():
+                    arguments = self._tools.parse_arguments(input.name, input.arguments)
+                    result = await self._tools.run(input.name, arguments, context)
+                outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
+            except ToolError as err:
+                outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
+            except Exception as err:
+                outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{type(err).__name__}: {err}")
+            _telemetry.tool_ended(span, input.name, outcome, record_content=input.trace_content)
         published = await self._stream.append(
             input.run_id,
             [events.tool_call_finished(input.call_id, input.name, outcome)],
@@ -440,6 +474,11 @@ class RunActivities:
     @activity.defn
     async def publish_events(self, input: PublishEventsInput) -> int:
         """Publishes events that the workflow itself produces; returns the last sequence."""
+        for event in input.events:
+            if event.approval_requested is not None:
+                _telemetry.approval_requested(input.run_id, event.approval_requested)
+            elif event.approval_decided is not None:
+                _telemetry.approval_decided(input.run_id, event.approval_decided)
         result = await self._stream.append(
             input.run_id,
             [events.workflow_event(event) for event in input.events],

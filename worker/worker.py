@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from shared import telemetry
 from shared.agents import AgentConfig, AgentConfigError, load_agents
 from shared.conversations import ConversationStore
 from shared.run_stream import RunStreamWriter
@@ -137,6 +138,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     """Runs the worker until ``stop`` is set or the process gets SIGINT/SIGTERM, then drains."""
     agents = load_agents(settings.agents_file)
     stop = stop or stop_on_signals()
+    telemetry.setup("agentrun-worker")
     client = await connect_temporal(settings)
     redis_client = connect_redis(settings, name="agentrun-worker", wait_out_outages=True)
     await redis_client.ping()
@@ -149,3 +151,4 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
                 log.info("worker shutting down")
     finally:
         await redis_client.aclose()
+        telemetry.shutdown()

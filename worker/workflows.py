@@ -195,6 +195,7 @@ class AgentRunWorkflow:
                 after_sequence=self._last_sequence,
                 agent_path=self._agent_path,
                 tool_digest=self._tool_digests.get(call.name, ""),
+                trace_content=input.agent.trace_content,
             ),
             start_to_close_timeout=TOOL_TIMEOUT,
             heartbeat_timeout=TOOL_HEARTBEAT_TIMEOUT,
@@ -222,6 +223,7 @@ class AgentRunWorkflow:
             arguments=call.arguments,
             arguments_sha256=hashlib.sha256(call.arguments.encode()).hexdigest(),
             deadline=deadline.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            requested_at=workflow.now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         )
         self._approvals[approval.approval_id] = approval
         approval.sequence = await self._publish(WorkflowEvent(approval_requested=approval))

@@ -97,7 +97,10 @@ class AgentRunClient:
     these retries come on top.
 
     With ``channel``, the client makes its calls on that channel alone (no list to fail over to, but UNAVAILABLE is
-    still retried there) and closes it on ``close()``. Otherwise it opens one channel per address on first use.
+    still retried there) and closes it on ``close()``. Otherwise it opens one channel per address on first use, with
+    ``interceptors`` on each: to trace the calls, pass OpenTelemetry's, which send the W3C trace context to the
+    server (``opentelemetry.instrumentation.grpc.aio_client_interceptors()``, from the
+    ``opentelemetry-instrumentation-grpc`` package; the client itself needs no OpenTelemetry).
     """
 
     def __init__(
@@ -106,7 +109,9 @@ class AgentRunClient:
         *,
         channel: grpc.aio.Channel | None = None,
         retry_budget_seconds: float = RETRY_BUDGET_SECONDS,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
+        self._interceptors = list(interceptors)
         self.targets: tuple[str, ...] = () if channel is not None else _addresses(target)
         self.retry_budget_seconds = retry_budget_seconds
         self._channels: dict[int, grpc.aio.Channel] = {} if channel is None else {0: channel}
@@ -246,7 +251,9 @@ class AgentRunClient:
 
     def _channel(self, index: int) -> grpc.aio.Channel:
         if index not in self._channels:
-            self._channels[index] = grpc.aio.insecure_channel(self.targets[index], options=_CHANNEL_OPTIONS)
+            self._channels[index] = grpc.aio.insecure_channel(
+                self.targets[index], options=_CHANNEL_OPTIONS, interceptors=self._interceptors or None
+            )
         return self._channels[index]
 
     def _stub(self, index: int) -> pb_grpc.AgentServiceAsyncStub:

@@ -152,16 +152,24 @@ class StartRunResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The id of the run, used by every other call about it."""
+    trace_id: _builtins.str
+    """The OpenTelemetry trace id of the run (32 lowercase hexadecimal digits):
+    the trace of the StartRun call that started it, which holds the
+    workflow, its model and tool calls and its approval requests. Empty when
+    the server does not trace.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
