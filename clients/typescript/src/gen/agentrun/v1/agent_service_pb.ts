@@ -21,14 +21,15 @@ export const file_agentrun_v1_agent_service: GenFile = /*@__PURE__*/
  */
 export type StartRunRequest = Message<"agentrun.v1.StartRunRequest"> & {
   /**
-   * The name of a configured agent, for example "assistant".
+   * The name of a configured agent, for example "assistant"; required.
    *
    * @generated from field: string agent = 1;
    */
   agent: string;
 
   /**
-   * The user's message that the agent answers; it must not be empty.
+   * The user's message that the agent answers: not empty or only whitespace,
+   * and at most 1 MiB (1,048,576 bytes of UTF-8).
    *
    * @generated from field: string input = 2;
    */
@@ -36,6 +37,7 @@ export type StartRunRequest = Message<"agentrun.v1.StartRunRequest"> & {
 
   /**
    * The conversation the run belongs to; empty starts a run without history.
+   * Follows the id rules of AgentService; chosen by the caller.
    *
    * @generated from field: string conversation_id = 3;
    */
@@ -44,6 +46,7 @@ export type StartRunRequest = Message<"agentrun.v1.StartRunRequest"> & {
   /**
    * A caller-chosen key that makes the call idempotent: a request with a
    * request_id already used returns the run that the first one started.
+   * Follows the id rules of AgentService; empty makes no such promise.
    *
    * @generated from field: string request_id = 4;
    */
@@ -64,7 +67,8 @@ export const StartRunRequestSchema: GenMessage<StartRunRequest> = /*@__PURE__*/
  */
 export type StartRunResponse = Message<"agentrun.v1.StartRunResponse"> & {
   /**
-   * The id of the run, used by every other call about it.
+   * The id of the run, used by every other call about it: "run-" and 32
+   * hexadecimal digits.
    *
    * @generated from field: string run_id = 1;
    */
@@ -85,7 +89,7 @@ export const StartRunResponseSchema: GenMessage<StartRunResponse> = /*@__PURE__*
  */
 export type StreamRunRequest = Message<"agentrun.v1.StreamRunRequest"> & {
   /**
-   * The id of the run to follow.
+   * The id of the run to follow; required.
    *
    * @generated from field: string run_id = 1;
    */
@@ -93,7 +97,8 @@ export type StreamRunRequest = Message<"agentrun.v1.StreamRunRequest"> & {
 
   /**
    * The last sequence number the caller has already seen; 0 streams from the
-   * start. Events with a greater sequence number are sent.
+   * start. Events with a greater sequence number are sent. Must not be
+   * negative.
    *
    * @generated from field: int64 after_sequence = 2;
    */
@@ -420,7 +425,8 @@ export const ToolCallFinishedSchema: GenMessage<ToolCallFinished> = /*@__PURE__*
  */
 export type ApprovalRequested = Message<"agentrun.v1.ApprovalRequested"> & {
   /**
-   * The id to answer with Approve.
+   * The id to answer with Approve: "ap-" and 16 hexadecimal digits, unique
+   * within the run.
    *
    * @generated from field: string approval_id = 1;
    */
@@ -737,36 +743,39 @@ export const RunSchema: GenMessage<Run> = /*@__PURE__*/
  */
 export type ApproveRequest = Message<"agentrun.v1.ApproveRequest"> & {
   /**
-   * The id of the run that asked for approval.
+   * The id of the run that asked for approval; required.
    *
    * @generated from field: string run_id = 1;
    */
   runId: string;
 
   /**
-   * The id of the approval request, from its approval_requested event.
+   * The id of the approval request, from its approval_requested event;
+   * required.
    *
    * @generated from field: string approval_id = 2;
    */
   approvalId: string;
 
   /**
-   * The answer.
+   * The answer: APPROVAL_DECISION_APPROVE or APPROVAL_DECISION_DENY.
    *
    * @generated from field: agentrun.v1.ApprovalDecision decision = 3;
    */
   decision: ApprovalDecision;
 
   /**
-   * Why the approver decided so, shown to the model on a denial.
+   * Why the approver decided so, shown to the model on a denial; at most 2000
+   * characters.
    *
    * @generated from field: string reason = 4;
    */
   reason: string;
 
   /**
-   * Optionally, the arguments_sha256 of the request being answered: when it
-   * differs from the request's, the call fails with FAILED_PRECONDITION.
+   * Optionally, the arguments_sha256 of the request being answered (64
+   * lowercase hexadecimal digits): when it differs from the request's, the
+   * call fails with FAILED_PRECONDITION and nothing is decided.
    *
    * @generated from field: string arguments_sha256 = 5;
    */
@@ -822,7 +831,7 @@ export const ApproveResponseSchema: GenMessage<ApproveResponse> = /*@__PURE__*/
  */
 export type GetRunRequest = Message<"agentrun.v1.GetRunRequest"> & {
   /**
-   * The id of the run.
+   * The id of the run; required.
    *
    * @generated from field: string run_id = 1;
    */
@@ -864,14 +873,15 @@ export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
  */
 export type CancelRunRequest = Message<"agentrun.v1.CancelRunRequest"> & {
   /**
-   * The id of the run.
+   * The id of the run; required.
    *
    * @generated from field: string run_id = 1;
    */
   runId: string;
 
   /**
-   * Why the run is cancelled; carried into its run_cancelled event.
+   * Why the run is cancelled, at most 2000 characters; carried into its
+   * run_cancelled event.
    *
    * @generated from field: string reason = 2;
    */
@@ -1090,17 +1100,39 @@ export const ApprovalDecisionSchema: GenEnum<ApprovalDecision> = /*@__PURE__*/
  * AgentService runs LLM agents as durable runs: start one, follow its events
  * live, answer its approval requests, and inspect, list or cancel runs.
  *
- * Every call may answer UNAVAILABLE when the server cannot reach Temporal or
- * Redis (the message names which) or is shutting down: retry it, on another
- * replica if there is one. A request field that is not valid is
- * INVALID_ARGUMENT with a message that starts with the field's name.
+ * Status codes that every call may answer, besides those its own comment
+ * lists:
+ *
+ * - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
+ *   which), or it is shutting down, or nothing listens. Nothing was changed
+ *   that a retry would repeat: retry, on another replica if there is one.
+ * - INVALID_ARGUMENT: a request field is not valid. The message starts with
+ *   the field's name and a colon, for example "input: must not be empty".
+ * - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
+ *   larger than 4 MiB, the limit in both directions.
+ * - INTERNAL: a fault of the server; the message carries an incident id that
+ *   the server's log explains. No call answers UNKNOWN.
+ *
+ * Ids: run_id, approval_id, conversation_id and request_id are 1 to 128
+ * characters of ASCII letters, digits and ". _ : -". The server makes run ids
+ * ("run-" and 32 hexadecimal digits) and approval ids ("ap-" and 16); the
+ * caller chooses conversation and request ids.
  *
  * @generated from service agentrun.v1.AgentService
  */
 export const AgentService: GenService<{
   /**
-   * StartRun starts a run of a configured agent and returns at once with its id.
-   * Sending the same request_id again returns the same run id.
+   * StartRun starts a run of a configured agent and returns at once with its
+   * id. A request with a request_id already used returns the run the first one
+   * started, even after that run has ended; the rest of the request is not
+   * compared. The user's input is saved to the conversation before the run
+   * starts.
+   *
+   * INVALID_ARGUMENT for an empty agent, an input that is empty or longer than
+   * 1 MiB (1,048,576 bytes of UTF-8), or an id that breaks the id rules.
+   * NOT_FOUND when no agent of that name is configured. FAILED_PRECONDITION
+   * when the conversation already has an active run (one run per conversation
+   * at a time; the message names the active run).
    *
    * @generated from rpc agentrun.v1.AgentService.StartRun
    */
@@ -1114,7 +1146,12 @@ export const AgentService: GenService<{
    * follows the run live until its terminal event, then ends with OK. A
    * stream that ends with UNAVAILABLE (Redis went away, the server is
    * shutting down) is resumed with after_sequence set to the last event
-   * received. NOT_FOUND when there is no such run.
+   * received; a resumed stream first sends again the approval requests that
+   * still wait for an answer, with their original sequence numbers.
+   * Disconnecting never affects the run.
+   *
+   * INVALID_ARGUMENT for a run_id that breaks the id rules or a negative
+   * after_sequence. NOT_FOUND when there is no such run.
    *
    * @generated from rpc agentrun.v1.AgentService.StreamRun
    */
@@ -1125,13 +1162,19 @@ export const AgentService: GenService<{
   },
   /**
    * Approve answers an approval request of a run. The approver is read from
-   * the request metadata "x-agentrun-approver" and recorded with the
-   * decision. Sending the same decision again, even after the run has ended,
-   * answers with the decision recorded. NOT_FOUND for an unknown run or
-   * approval; FAILED_PRECONDITION when the approval was decided otherwise, the
-   * arguments_sha256 differs, or the run ended before a decision;
-   * UNAVAILABLE when no worker took the decision within 5 seconds: it may
-   * still take effect, and sending the same decision again tells.
+   * the request metadata "x-agentrun-approver" (at most 128 characters) and
+   * recorded with the decision. Sending the same decision again, even after
+   * the run has ended, answers with the decision recorded.
+   *
+   * INVALID_ARGUMENT for an unspecified decision, a reason longer than 2000
+   * characters, an arguments_sha256 that is not 64 lowercase hexadecimal
+   * digits, or an approver longer than 128 characters. UNAUTHENTICATED when the
+   * "x-agentrun-approver" metadata is missing or blank. NOT_FOUND for an
+   * unknown run or approval. FAILED_PRECONDITION when the approval was already
+   * decided otherwise, the arguments_sha256 differs from the request's, or the
+   * run ended before a decision. UNAVAILABLE when no worker took the decision
+   * within 5 seconds: it may still take effect, and sending the same decision
+   * again tells.
    *
    * @generated from rpc agentrun.v1.AgentService.Approve
    */
@@ -1141,7 +1184,10 @@ export const AgentService: GenService<{
     output: typeof ApproveResponseSchema;
   },
   /**
-   * GetRun returns the current state of a run.
+   * GetRun returns the current state of a run, with its pending and decided
+   * approvals.
+   *
+   * NOT_FOUND when there is no such run.
    *
    * @generated from rpc agentrun.v1.AgentService.GetRun
    */
@@ -1152,6 +1198,11 @@ export const AgentService: GenService<{
   },
   /**
    * CancelRun asks a running run to stop; its stream ends with run_cancelled.
+   * Cancelling a run that was already cancelled is OK.
+   *
+   * INVALID_ARGUMENT for a reason longer than 2000 characters. NOT_FOUND when
+   * there is no such run. FAILED_PRECONDITION when the run has already
+   * completed or failed (the message names its state).
    *
    * @generated from rpc agentrun.v1.AgentService.CancelRun
    */
@@ -1162,6 +1213,9 @@ export const AgentService: GenService<{
   },
   /**
    * ListRuns pages through recent runs, newest first.
+   *
+   * INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
+   * ListRuns did not return.
    *
    * @generated from rpc agentrun.v1.AgentService.ListRuns
    */
