@@ -3,6 +3,9 @@
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { after, before, test } from "node:test";
 
 import {
@@ -13,7 +16,10 @@ import {
   ToolCallStatus,
   type RunEvent,
 } from "../src/index.js";
-import { script, startStack, type Stack } from "./stack.js";
+import { freePort, script, startStack, type Stack } from "./stack.js";
+
+// dist/test -> dist/examples
+const EXAMPLES = join(dirname(fileURLToPath(import.meta.url)), "..", "examples");
 
 let stack: Stack;
 let client: AgentRunClient;
@@ -28,11 +34,12 @@ after(async () => {
   await stack?.stop();
 });
 
-/** The Python client's CLI following a run: resolves with its output once it exits, and says when it has printed
- * a line that matches. */
-function pythonStream(runId: string) {
-  const cli = spawn(stack.python, ["-m", "agentrun.cli", "stream", runId, "--server", stack.servers.join(",")], {
+/** A process following a run: `exited` resolves with its output once it exits, and `printed` when it has printed
+ * something that matches. */
+function follower(command: string, args: string[]) {
+  const cli = spawn(command, args, {
     stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, AGENTRUN_SERVER: stack.servers.join(",") },
   });
   let output = "";
   const waiting: { pattern: RegExp; resolve: () => void }[] = [];
@@ -56,9 +63,14 @@ function pythonStream(runId: string) {
           return;
         }
         waiting.push({ pattern, resolve });
-        void exited.then(({ output }) => reject(new Error(`the Python client exited without ${pattern}:\n${output}`)));
+        void exited.then(({ output }) => reject(new Error(`${command} exited without ${pattern}:\n${output}`)));
       }),
   };
+}
+
+/** The Python client's CLI following a run. */
+function pythonStream(runId: string) {
+  return follower(stack.python, ["-m", "agentrun.cli", "stream", runId]);
 }
 
 test("Node approves a tool call of a run that a Python client streams, and both see the decision", async () => {
@@ -135,4 +147,39 @@ test("a denial from Node reaches the model, and getRun shows the pending request
     }
   }
   assert.ok(pendingSeen);
+});
+
+test("the README's examples: Python and Node follow one run, and the approvals service decides it", async () => {
+  const key = await script(stack, { tool_calls: [{ name: "echo", arguments: { text: "hi" } }] }, { text: "Said hi." });
+  const runId = await client.startRun("patient", `say hi ${key}`);
+  const python = pythonStream(runId);
+  const node = follower(process.execPath, [join(EXAMPLES, "follow.js"), runId]);
+  await Promise.all([python.printed(/waits for approval/), node.printed(/waits for approval/)]);
+  const [request] = (await client.getRun(runId)).pendingApprovals;
+
+  const port = await freePort();
+  const service = spawn(process.execPath, [join(EXAMPLES, "approvals-service.js")], {
+    stdio: ["ignore", "pipe", "inherit"],
+    env: { ...process.env, AGENTRUN_SERVER: stack.servers.join(","), PORT: String(port) },
+  });
+  try {
+    await once(service.stdout, "data"); // "approvals service listening"
+    const decide = (approve: boolean) =>
+      fetch(`http://127.0.0.1:${port}/decisions`, {
+        method: "POST",
+        body: JSON.stringify({ runId, approvalId: request.approvalId, approve, user: "ada", reason: "fine by me" }),
+      });
+    const response = await decide(true);
+    assert.equal(response.status, 200);
+    assert.deepEqual(await response.json(), { decision: "APPROVE", approver: "ada" });
+    assert.equal((await decide(false)).status, 409); // decided otherwise already: FAILED_PRECONDITION
+  } finally {
+    service.kill();
+  }
+
+  for (const { code, output } of [await python.exited, await node.exited]) {
+    assert.equal(code, 0, output);
+    assert.match(output, /✓ approved by ada/);
+    assert.match(output, /completed/);
+  }
 });

@@ -1,7 +1,6 @@
 // Every status code the contract documents, as a Node caller sees it: the code, and a message naming the field.
 
 import assert from "node:assert/strict";
-import { createServer } from "node:net";
 import { after, before, test } from "node:test";
 
 import { createClient } from "@connectrpc/connect";
@@ -17,7 +16,7 @@ import {
   isKind,
   type ApprovalRequested,
 } from "../src/index.js";
-import { script, startStack, type Stack } from "./stack.js";
+import { freePort, script, startStack, type Stack } from "./stack.js";
 
 let stack: Stack;
 let client: AgentRunClient;
@@ -149,12 +148,7 @@ test("FAILED_PRECONDITION: conversation busy, approval decided otherwise or for 
 });
 
 test("UNAVAILABLE when no server answers, once the retry budget is spent", async () => {
-  const port = await new Promise<number>((resolve) => {
-    const server = createServer().listen(0, "127.0.0.1", () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === "object" && address !== null ? address.port : 0));
-    });
-  });
+  const port = await freePort();
   const nowhere = new AgentRunClient(`127.0.0.1:${port}`, { retryBudgetMs: 300 });
   try {
     await assert.rejects(nowhere.getRun("run-x"), (err: unknown) => {
