@@ -49,6 +49,7 @@ async def main(replica_count: int) -> None:
                 ready = {
                     "servers": [server.address for server in servers],
                     "server_pids": [server.process.pid for server in servers],
+                    "worker_pids": [process.pid for process in workers.processes],
                     "model_url": model_url,
                     "python": sys.executable,
                 }

@@ -15,6 +15,7 @@ export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", 
 export interface Stack {
   servers: string[];
   serverPids: number[];
+  workerPids: number[];
   modelUrl: string;
   python: string;
   stop(): Promise<void>;
@@ -45,6 +46,7 @@ export async function startStack(name: string, replicas = 1): Promise<Stack> {
   return {
     servers: ready.servers,
     serverPids: ready.server_pids,
+    workerPids: ready.worker_pids,
     modelUrl: ready.model_url,
     python: ready.python,
     async stop() {
@@ -57,6 +59,7 @@ export async function startStack(name: string, replicas = 1): Promise<Stack> {
 interface Ready {
   servers: string[];
   server_pids: number[];
+  worker_pids: number[];
   model_url: string;
   python: string;
 }
