@@ -34,8 +34,10 @@ class AgentServiceStub:
     lists:
 
     - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
-      which), or it is shutting down, or nothing listens. Nothing was changed
-      that a retry would repeat: retry, on another replica if there is one.
+      which), or it is shutting down, or nothing listens. Retry, on another
+      replica if there is one. The call may have taken effect before the answer
+      was lost: every call is safe to repeat, StartRun when it carries a
+      request_id.
     - INVALID_ARGUMENT: a request field is not valid. The message starts with
       the field's name and a colon, for example "input: must not be empty".
     - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
@@ -124,8 +126,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     lists:
 
     - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
-      which), or it is shutting down, or nothing listens. Nothing was changed
-      that a retry would repeat: retry, on another replica if there is one.
+      which), or it is shutting down, or nothing listens. Retry, on another
+      replica if there is one. The call may have taken effect before the answer
+      was lost: every call is safe to repeat, StartRun when it carries a
+      request_id.
     - INVALID_ARGUMENT: a request field is not valid. The message starts with
       the field's name and a colon, for example "input: must not be empty".
     - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
@@ -210,8 +214,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     lists:
 
     - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
-      which), or it is shutting down, or nothing listens. Nothing was changed
-      that a retry would repeat: retry, on another replica if there is one.
+      which), or it is shutting down, or nothing listens. Retry, on another
+      replica if there is one. The call may have taken effect before the answer
+      was lost: every call is safe to repeat, StartRun when it carries a
+      request_id.
     - INVALID_ARGUMENT: a request field is not valid. The message starts with
       the field's name and a colon, for example "input: must not be empty".
     - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is

@@ -1104,8 +1104,10 @@ export const ApprovalDecisionSchema: GenEnum<ApprovalDecision> = /*@__PURE__*/
  * lists:
  *
  * - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
- *   which), or it is shutting down, or nothing listens. Nothing was changed
- *   that a retry would repeat: retry, on another replica if there is one.
+ *   which), or it is shutting down, or nothing listens. Retry, on another
+ *   replica if there is one. The call may have taken effect before the answer
+ *   was lost: every call is safe to repeat, StartRun when it carries a
+ *   request_id.
  * - INVALID_ARGUMENT: a request field is not valid. The message starts with
  *   the field's name and a colon, for example "input: must not be empty".
  * - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
