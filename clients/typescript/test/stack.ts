@@ -36,13 +36,14 @@ function python(): string {
 export async function startStack(name: string, replicas = 1): Promise<Stack> {
   const logs = join(REPO_ROOT, "clients", "typescript", "dist", "test-logs");
   mkdirSync(logs, { recursive: true });
-  const log = openSync(join(logs, `${name}.log`), "w");
+  const logFile = join(logs, `${name}.log`);
+  const log = openSync(logFile, "w");
   const child = spawn(python(), ["-m", "tests.node_stack", "--replicas", String(replicas)], {
     cwd: REPO_ROOT,
     stdio: ["pipe", "pipe", log],
   });
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-  const ready = await firstJsonLine(child);
+  const ready = await firstJsonLine(child, logFile);
   return {
     servers: ready.servers,
     serverPids: ready.server_pids,
@@ -64,7 +65,7 @@ interface Ready {
   python: string;
 }
 
-async function firstJsonLine(child: ChildProcess): Promise<Ready> {
+async function firstJsonLine(child: ChildProcess, logFile: string): Promise<Ready> {
   if (child.stdout === null) {
     throw new Error("the stack's stdout is not a pipe");
   }
@@ -77,7 +78,7 @@ async function firstJsonLine(child: ChildProcess): Promise<Ready> {
       return JSON.parse(line) as Ready;
     }
   }
-  throw new Error(`the stack exited before it was ready (exit code ${child.exitCode})`);
+  throw new Error(`the stack exited before it was ready (exit code ${child.exitCode}); see ${logFile}`);
 }
 
 /**
