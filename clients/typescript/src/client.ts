@@ -105,15 +105,16 @@ class Retries {
 
 /**
  * Whether a call failed because the server or the connection went away rather than because the server answered
- * with an error: UNAVAILABLE (nothing listens, or a server that stops ends its calls so), or a connection that broke
- * before any status arrived (a server process killed mid-call). Every other status is an answer that another
- * replica would repeat.
+ * with an error: UNAVAILABLE (nothing listens, or a server that stops ends its calls so), CANCELLED (this client
+ * cancels no call it still waits on, so gRPC on the server shed it: a burst of more calls than it queues), or a
+ * connection that broke before any status arrived (a server process killed mid-call). Every other status is an
+ * answer that another replica would repeat.
  */
 export function isConnectionLost(err: unknown): boolean {
   if (!(err instanceof ConnectError)) {
     return false;
   }
-  if (err.code === Code.Unavailable) {
+  if (err.code === Code.Unavailable || err.code === Code.Canceled) {
     return true;
   }
   // A status the server sent comes with its trailers (grpc-status); a broken connection has none.

@@ -175,3 +175,9 @@ test("the generated stubs alone reach the service (no client library)", async ()
     sessionManager.abort();
   }
 });
+
+test("a CANCELLED this client did not ask for is retried like UNAVAILABLE: gRPC on the server shed the call", () => {
+  assert.ok(isConnectionLost(new ConnectError("CANCELLED", Code.Canceled)));
+  assert.ok(isConnectionLost(new ConnectError("nothing listens", Code.Unavailable)));
+  assert.ok(!isConnectionLost(new ConnectError("run-x is not a run", Code.NotFound)));
+});
