@@ -30,7 +30,7 @@ import redis.asyncio as redis
 from agentrun.client import AgentRunClient
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
-from bench._stack import ROOT, Stack, add_script, rss_bytes, running_stack, temporal_requests
+from bench._stack import ROOT, Stack, add_script, cpu_seconds, rss_bytes, running_stack, temporal_requests
 
 AGENTS_FILE = ROOT / "agents.yaml"
 IDLE_AGENT = "operator"  # asks for an approval before its calculator call, then waits for it
@@ -152,6 +152,7 @@ class Active:
     wrong_text: int = 0  # runs whose streamed text is not the model's
     wall_seconds: float = 0.0
     temporal_calls: dict[str, float] = field(default_factory=dict)  # Temporal frontend calls during the phase
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per process, during the phase
 
 
 async def one_active_run(client: AgentRunClient, prompt: str, expected: str, result: Active) -> None:
@@ -198,6 +199,7 @@ async def active_phase(stack: Stack, client: AgentRunClient, runs: int, tokens: 
     await add_script(stack, key, [{"chunks": chunks, "delay_ms": token_delay_ms}])
     result = Active(runs, tokens, await model_time(stack, f"Measure {key}."))
     calls_before = await temporal_requests(stack)
+    cpu_before = {name: cpu_seconds(stack.pid(name)) for name in stack.procs}
     t0 = time.perf_counter()
     outcomes = await asyncio.gather(
         *(one_active_run(client, f"Run {i} of {key}.", "".join(chunks), result) for i in range(runs)),
@@ -205,6 +207,7 @@ async def active_phase(stack: Stack, client: AgentRunClient, runs: int, tokens: 
     )
     result.wall_seconds = time.perf_counter() - t0
     calls_after = await temporal_requests(stack)
+    result.cpu_seconds = {name: cpu_seconds(stack.pid(name)) - cpu for name, cpu in cpu_before.items()}
     result.temporal_calls = {
         op: n - calls_before.get(op, 0.0) for op, n in calls_after.items() if op not in WORKER_POLLS
     }
@@ -249,6 +252,8 @@ def print_active(active: Active) -> None:
     print(f"  StartRun -> run_completed median (ms)  {ms(active.totals, 50)}")
     print(f"  StartRun -> run_completed p99 (ms)     {ms(active.totals, 99)}")
     print(f"  all {active.runs} runs, first start to last end  {active.wall_seconds:>8.1f} s")
+    cpu = ", ".join(f"{name} {seconds * 1e3 / active.runs:.1f}" for name, seconds in active.cpu_seconds.items())
+    print(f"  CPU ms per run by process: {cpu}")
     busiest = sorted(active.temporal_calls.items(), key=lambda item: -item[1])[:4]
     print("  Temporal calls per run: " + ", ".join(f"{op} {n / active.runs:.1f}" for op, n in busiest))
 
