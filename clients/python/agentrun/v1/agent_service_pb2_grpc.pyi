@@ -67,6 +67,8 @@ class AgentServiceStub:
     """CancelRun asks a running run to stop; its stream ends with run_cancelled."""
     ListRuns: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListRunsRequest, _agent_service_pb2.ListRunsResponse]
     """ListRuns pages through recent runs, newest first."""
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
+    """ListAgents returns the agents that StartRun accepts, by name."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -107,6 +109,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """CancelRun asks a running run to stop; its stream ends with run_cancelled."""
     ListRuns: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListRunsRequest, _agent_service_pb2.ListRunsResponse]  # type: ignore[assignment]
     """ListRuns pages through recent runs, newest first."""
+    ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """ListAgents returns the agents that StartRun accepts, by name."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs LLM agents as durable runs: start one, follow its events
@@ -180,5 +184,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListRunsResponse, _abc.Awaitable[_agent_service_pb2.ListRunsResponse]]:
         """ListRuns pages through recent runs, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _agent_service_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListAgentsResponse, _abc.Awaitable[_agent_service_pb2.ListAgentsResponse]]:
+        """ListAgents returns the agents that StartRun accepts, by name."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
