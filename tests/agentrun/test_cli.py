@@ -318,12 +318,21 @@ async def test_a_server_that_does_not_answer_gets_a_hint(stack: Stack) -> None:
 
     assert (process.returncode, out) == (2, b"")
     hint = f"  no agentrun server answers at {nowhere}: start one with `make dev` (or `{command()} dev`, or "
-    # Once while it retries, and with the error it gives up with.
+    # While it retries, and not again with the error it gives up with.
     assert text.startswith("! UNAVAILABLE: failed to connect to all addresses")
-    assert "  retrying for up to 0.5 s (Ctrl-C stops)\n" in text
-    assert text.count(hint) == 2
+    assert text.count(hint) == 1
+    assert "or give its address with --server or AGENTRUN_SERVER\n  retrying for up to 0.5 s (Ctrl-C stops)\n" in text
     assert "\nerror: UNAVAILABLE: failed to connect to all addresses" in text
-    assert text.endswith("or give its address with --server or AGENTRUN_SERVER\n")
+
+    # Without retries, the error itself carries the hint.
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "get", "run-x", "--server", nowhere, "--retry-seconds", "0", stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+    text = err.decode()
+    assert (process.returncode, out) == (2, b"")
+    assert text.startswith("error: UNAVAILABLE: failed to connect to all addresses")
+    assert hint in text and "retrying" not in text
 
 
 async def test_get_shows_a_cancelled_runs_reason_usage_and_partial_answer_and_cancel_again_says_so(
@@ -398,3 +407,22 @@ async def test_every_option_has_help() -> None:
             if re.fullmatch(r"  (-[a-z], )?--[a-z-]+( [A-Z_]+)?", line) and not re.match(r" {10,}\S", following)
         ]
         assert bare == [], f"{command_name}: {bare} have no help"
+
+
+async def test_streaming_a_run_again_asks_about_no_approval_that_was_decided(stack: Stack) -> None:
+    key = stack.model.script(ECHO_HI, {"text": "Echoed."})
+    code, out, err = await agentrun(stack, "run", "patient", f"{key} echo hi", "--prompt", stdin="y\n")
+    assert code == 0, err
+    run_id = run_id_of(err)
+
+    # stdin stays open: a prompt would wait for an answer.
+    process = await start_cli(stack, "stream", run_id, "--prompt", "--show-sequence")
+    assert process.stdout is not None
+    replayed = await asyncio.wait_for(process.stdout.read(), CLI_TIMEOUT)
+    assert await asyncio.wait_for(process.wait(), CLI_TIMEOUT) == 0
+    assert process.stdin is not None
+    process.stdin.close()
+
+    text = replayed.decode()
+    assert "[y/N/reason]" not in text
+    assert "#2 approval requested\n#3 ✓ approved by alice\n#4 ← hi\n" in text

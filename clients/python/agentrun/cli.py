@@ -142,6 +142,11 @@ class _Prompter:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def _ask(self, request: pb.ApprovalRequested) -> None:
+        # A stream that replays a run's past shows requests that were decided long ago: ask only about pending ones.
+        pending = (await self._client.get_run(self._run_id)).pending_approvals
+        if request.approval_id not in {p.approval_id for p in pending}:
+            self._unanswered.discard(request.approval_id)
+            return
         async with self._turn:
             answer = await self._read(f"approve {_call(request.tool_name, request.arguments)}? [y/N/reason] ")
             self._unanswered.discard(request.approval_id)
@@ -190,6 +195,7 @@ async def print_stream(
     approver: str | None = None,
     server: str | None = None,
     show_sequence: bool = False,
+    out: _Output | None = None,
 ) -> int:
     """Prints a run's text, tool calls and approvals as they stream; returns the exit code for how the run ended.
 
@@ -198,7 +204,7 @@ async def print_stream(
     With ``show_sequence``, every event goes on a line of its own after its sequence number, the number that
     ``stream --after`` resumes from.
     """
-    out = _Output()
+    out = out or _Output()
     if prompt is None:
         prompt = sys.stdin.isatty()
     prompter = _Prompter(client, run_id, approver or default_approver(), out, server) if prompt else None
@@ -405,14 +411,15 @@ def _table(runs: Sequence[pb.Run]) -> str:
 
 
 async def _client_command(args: argparse.Namespace) -> int:
-    notices: set[str] = set()
+    out = _Output()
 
     def notice(err: grpc.aio.AioRpcError) -> None:
         """Says once per cause why the command waits, so that a person can tell a restart from a mistake."""
-        cause = _explained(err, args.server)
-        if cause not in notices:
-            notices.add(cause)
-            print(f"! {cause}\n  retrying for up to {args.retry_seconds:g} s (Ctrl-C stops)", file=sys.stderr)
+        cause = f"{err.code().name}: {err.details()}"
+        if cause not in _NOTICES:
+            _NOTICES.add(cause)
+            out.line(f"! {cause}{_hint(err, args.server)}", file=sys.stderr)
+            out.line(f"  retrying for up to {args.retry_seconds:g} s (Ctrl-C stops)", file=sys.stderr)
 
     async with AgentRunClient(args.server, retry_budget_seconds=args.retry_seconds, on_retry=notice) as client:
         if args.command == "run":
@@ -427,6 +434,7 @@ async def _client_command(args: argparse.Namespace) -> int:
                 approver=args.approver,
                 server=args.server,
                 show_sequence=args.show_sequence,
+                out=out,
             )
         if args.command == "stream":
             return await print_stream(
@@ -437,6 +445,7 @@ async def _client_command(args: argparse.Namespace) -> int:
                 approver=args.approver,
                 server=args.server,
                 show_sequence=args.show_sequence,
+                out=out,
             )
         if args.command == "approve":
             decision = pb.APPROVAL_DECISION_DENY if args.deny else pb.APPROVAL_DECISION_APPROVE
@@ -470,15 +479,21 @@ async def _client_command(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _explained(err: grpc.aio.AioRpcError, server: str) -> str:
-    """The error's code and message, and for a server that cannot be reached, what to do about it."""
-    message = f"{err.code().name}: {err.details()}"
-    if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (err.details() or ""):
-        message += (
-            f"\n  no agentrun server answers at {server}: start one with `make dev` (or `{command()} dev`, or "
-            f"`{command()} server` beside `{command()} worker`), or give its address with --server or AGENTRUN_SERVER"
-        )
-    return message
+# The hints already given, so that the error a command gives up with does not repeat one.
+_NOTICES: set[str] = set()
+
+
+def _hint(err: grpc.aio.AioRpcError, server: str) -> str:
+    """For a server that cannot be reached, what to do about it; once per process."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in (err.details() or ""):
+        return ""
+    if "hint" in _NOTICES:
+        return ""
+    _NOTICES.add("hint")
+    return (
+        f"\n  no agentrun server answers at {server}: start one with `make dev` (or `{command()} dev`, or "
+        f"`{command()} server` beside `{command()} worker`), or give its address with --server or AGENTRUN_SERVER"
+    )
 
 
 def _positive(text: str) -> int:
@@ -573,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(asyncio.run(_client_command(args)))
     except grpc.aio.AioRpcError as err:
-        print(f"error: {_explained(err, args.server)}", file=sys.stderr)
+        print(f"error: {err.code().name}: {err.details()}{_hint(err, args.server)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
