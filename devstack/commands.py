@@ -77,5 +77,11 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format=SERVICE_LOG_FORMAT)
-    asyncio.run(run_worker(Settings.from_env()))
+    try:
+        asyncio.run(run_worker(Settings.from_env()))
+    except ConnectionError as err:
+        print(f"agentrun worker: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return 0

@@ -63,7 +63,13 @@ class Settings:
 
 
 async def connect_temporal(settings: Settings) -> Client:
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    """A client of the Temporal cluster; ConnectionError naming the address when it cannot be reached."""
+    try:
+        return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    except RuntimeError as err:  # the SDK's error for a server that does not answer
+        raise ConnectionError(
+            f"cannot connect to Temporal at {settings.temporal_address} (TEMPORAL_ADDRESS): {err}"
+        ) from None
 
 
 # Connections a process opens to Redis at most; more callers wait for a free one instead of failing.
