@@ -107,10 +107,39 @@ def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has the details"
 
 
-def _unary(behavior: UnaryBehavior) -> UnaryBehavior:
+class _Undecodable:
+    """What a request whose bytes are no message of the method's request type decodes to."""
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, returning _Undecodable instead of raising.
+
+    gRPC answers a request it cannot decode with a bare status and logs a traceback at ERROR each time: a log flood
+    that anyone can cause. Decoding here lets the handler answer INVALID_ARGUMENT and log one line.
+    """
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # protobuf's DecodeError, or whatever else malformed bytes make it raise
+            return _Undecodable()
+
+    return decode
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        log.warning("refused a request to %s whose bytes are no valid request message", method)
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is no valid message for {method}")
+
+
+def _unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
     async def wrapped(request: Any, context: Context) -> Any:
         _remember_deadline(context)
         try:
+            _check_decoded(request, method)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise  # the handler chose its status itself
@@ -120,10 +149,11 @@ def _unary(behavior: UnaryBehavior) -> UnaryBehavior:
     return wrapped
 
 
-def _streaming(behavior: StreamBehavior) -> StreamBehavior:
+def _streaming(behavior: StreamBehavior, method: str) -> StreamBehavior:
     async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
         _remember_deadline(context)
         try:
+            _check_decoded(request, method)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -145,17 +175,18 @@ class ErrorMapping(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        method = handler_call_details.method
         # The stubs describe the synchronous server; under grpc.aio the behaviors are coroutine functions.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(cast(UnaryBehavior, handler.unary_unary)),
-                request_deserializer=handler.request_deserializer,
+                _unary(cast(UnaryBehavior, handler.unary_unary), method),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(cast(StreamBehavior, handler.unary_stream)),
-                request_deserializer=handler.request_deserializer,
+                _streaming(cast(StreamBehavior, handler.unary_stream), method),
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

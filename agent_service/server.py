@@ -16,7 +16,7 @@ from datetime import timedelta
 import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 from temporalio.client import (
     Client,
     WorkflowExecution,
@@ -28,12 +28,12 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from agent_service import _runs
+from agent_service import _reflection, _runs
 from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal, invalid, temporal_timeout
 from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
-from shared import events
+from shared import events, telemetry
 from shared.agents import AgentConfig, load_agents
 from shared.contract import (
     DECIDE_APPROVAL_UPDATE,
@@ -55,6 +55,7 @@ from shared.run_stream import (
     mark_started,
     pending_approvals,
     read_range,
+    run_traceparent,
     stream_exists,
 )
 from shared.settings import Settings, connect_redis, connect_temporal, stop_on_signals
@@ -64,21 +65,32 @@ log = logging.getLogger("agentrun.server")
 # How the server's connections appear in Redis's CLIENT LIST (the relay's subscription adds "-relay").
 REDIS_CLIENT_NAME = "agentrun-server"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
-MAX_INPUT_BYTES = 1 << 20
+# The input travels in Temporal payloads (Temporal warns past 512 KB, and refuses past 2 MB) and in every model
+# request of the run: 256 KiB keeps each well inside, with the agent's prompt and the conversation beside it.
+MAX_INPUT_BYTES = 256 << 10
 MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN_LENGTH = 4096
+_PAGE_DIGEST_SIZE = 8
 # Approve waits this long for a worker to take the decision before it answers UNAVAILABLE.
 APPROVE_ACCEPT_SECONDS = 5.0
 # Runs asked about in one Temporal visibility query when the relay looks for runs that ended quietly.
 ENDED_QUERY_BATCH = 200
+# StreamRun adds the events it relayed to the metric in batches of this many, not one call per event.
+EVENTS_METRIC_BATCH = 64
 # Grace for unary calls in flight when the server stops; streams end at once with UNAVAILABLE.
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Set on purpose rather than left to gRPC's defaults: ping idle clients so that a dead one frees its streams,
-# accept clients' keepalive pings every 10 s, cap messages at 4 MiB (the largest input is 1 MiB), and never share
+# accept clients' keepalive pings every 10 s, cap messages at 4 MiB (the largest input is 256 KiB), and never share
 # a port with another server (gRPC sets SO_REUSEPORT by default, and two servers would then take turns answering).
+# Calls that arrived but that the server has not yet taken up are "pending"; the asyncio server takes them up one
+# at a time, so a burst (every client of a dead replica failing over here) queues thousands. Past gRPC's default of
+# 1,000 it starts cancelling them (clients see CANCELLED); a queued call costs a few KB, so let the burst wait.
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -93,7 +105,7 @@ APPROVER_METADATA = "x-agentrun-approver"
 _APPROVAL_ERRORS = {ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION}
 _ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]+$")
+_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")  # matched whole (fullmatch): "$" would let a final newline in
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
@@ -108,8 +120,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         )
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
-        if not request.agent:
-            raise invalid("agent", "must name a configured agent")
+        _check_id("agent", request.agent, required=True)  # bounded, so that NOT_FOUND can name it
         if not request.input.strip():
             raise invalid("input", "must not be empty")
         if len(request.input.encode()) > MAX_INPUT_BYTES:
@@ -160,12 +171,21 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if conversation:
                 await self._conversations.release_active_run(conversation, run_id)
             raise
+        # The run's trace is the one of the StartRun that started it: a duplicate StartRun answers with that one.
+        traceparent = telemetry.traceparent()
         # Lets StreamRun follow the run before its first event without asking Temporal; without it, it asks.
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            await mark_started(
-                self._redis, self._settings.redis_prefix, run_id, ttl_seconds=self._settings.stream_ttl_seconds
+            traceparent = await mark_started(
+                self._redis,
+                self._settings.redis_prefix,
+                run_id,
+                ttl_seconds=self._settings.stream_ttl_seconds,
+                traceparent=traceparent,
             )
-        return pb.StartRunResponse(run_id=run_id)
+        telemetry.instruments().runs_started.add(1, {"gen_ai.agent.name": agent.name})
+        run_trace = telemetry.span_context_of(traceparent)
+        trace_id = f"{run_trace.trace_id:032x}" if run_trace is not None else telemetry.trace_id_hex()
+        return pb.StartRunResponse(run_id=run_id, trace_id=trace_id)
 
     async def _claim_conversation(self, conversation: str, run_id: str, agent: AgentConfig) -> None:
         """One active run per conversation; a claim left by a run that has ended is taken over."""
@@ -192,6 +212,77 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if request.after_sequence < 0:
             raise invalid("after_sequence", "must not be negative")
         run_id, after = request.run_id, request.after_sequence
+        telemetry.current_run_id.set(run_id)
+        span = await self._stream_span(context, run_id) if telemetry.enabled() else None
+        metrics = telemetry.instruments()
+        metrics.open_streams.add(1)
+        relayed = 0
+        try:
+            async for response in self._stream(run_id, after):
+                if relayed == EVENTS_METRIC_BATCH:
+                    metrics.stream_events.add(relayed)
+                    relayed = 0
+                relayed += 1
+                yield response
+        except Exception as err:
+            if span is not None:
+                span.record_exception(err)
+                span.set_status(trace.StatusCode.ERROR, str(err))
+            raise
+        finally:
+            metrics.open_streams.add(-1)
+            if relayed:
+                metrics.stream_events.add(relayed)
+            if span is not None:
+                span.end()
+
+    async def _stream_span(self, context: Context, run_id: str) -> trace.Span:
+        """StreamRun's server span, in the caller's trace and linked to the run's.
+
+        Made here rather than by the gRPC instrumentation, whose span is the current one across the stream's
+        yields: a client that goes away closes the stream from another context, where detaching it fails. This
+        one is current nowhere, and ended when the stream ends.
+        """
+        from opentelemetry import propagate
+
+        carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        links = []
+        run_trace = await self._run_trace(run_id)
+        if run_trace is not None:
+            links.append(trace.Link(run_trace, {"agentrun.run_id": run_id}))
+        return telemetry.tracer().start_span(
+            f"/{SERVICE_NAME}/StreamRun",
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.SERVER,
+            links=links,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": SERVICE_NAME,
+                "rpc.method": "StreamRun",
+                "agentrun.run_id": run_id,
+            },
+        )
+
+    async def _run_trace(self, run_id: str) -> trace.SpanContext | None:
+        """The span of the StartRun that started the run, when it was traced and Redis still has its mark."""
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            return telemetry.span_context_of(await run_traceparent(self._redis, self._settings.redis_prefix, run_id))
+        return None
+
+    async def _link_to_run_trace(self, run_id: str, approval_id: str = "") -> None:
+        """Links the call's span to the trace of the run it is about (a watcher's or approver's call has a trace of
+        its own): to the span of the StartRun that started it, or to the approval's request span."""
+        run_trace = await self._run_trace(run_id)
+        if run_trace is None:
+            return
+        attributes = {"agentrun.run_id": run_id}
+        if approval_id:
+            span_id = telemetry.approval_span_id(run_id, approval_id)
+            run_trace = trace.SpanContext(run_trace.trace_id, span_id, True, run_trace.trace_flags)
+            attributes["agentrun.approval.id"] = approval_id
+        trace.get_current_span().add_link(run_trace, attributes)
+
+    async def _stream(self, run_id: str, after: int) -> AsyncIterator[pb.StreamRunResponse]:
         async with self.relay.watch(run_id) as watch:
             if after > 0:
                 # A client that reconnects gets the approval requests still waiting for
@@ -292,10 +383,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
-        try:
-            token = base64.urlsafe_b64decode(request.page_token) if request.page_token else None
-        except (binascii.Error, ValueError):
-            raise invalid("page_token", "is not a token that ListRuns returned") from None
+        token = _temporal_page_token(request.page_token)
         page = self._temporal.list_workflows(
             f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}'",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
@@ -308,7 +396,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 raise invalid("page_token", "is not a token that ListRuns returned") from None
             raise
         runs = [await _runs.to_run(execution) for execution in page.current_page or []]
-        next_token = base64.urlsafe_b64encode(page.next_page_token).decode() if page.next_page_token else ""
+        next_token = _page_token(page.next_page_token) if page.next_page_token else ""
         return pb.ListRunsResponse(runs=runs, next_page_token=next_token)
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Context) -> pb.ListAgentsResponse:
@@ -336,6 +424,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if request.arguments_sha256 and not _SHA256_PATTERN.match(request.arguments_sha256):
             raise invalid("arguments_sha256", "must be 64 lowercase hexadecimal digits")
         approver = approver_of(context)
+        telemetry.current_run_id.set(request.run_id)
+        if telemetry.enabled():
+            await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
         recorded = await _runs.recorded_approval(execution, request.approval_id)
         if recorded is None and not await self._is_pending_in_redis(request.run_id, request.approval_id):
@@ -472,12 +563,40 @@ def _already_ended(run_id: str) -> ApiError:
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run_id!r} has already ended")
 
 
+def _page_token(temporal_token: bytes) -> str:
+    """ListRuns' page token: Temporal's, behind a digest of it."""
+    return base64.urlsafe_b64encode(_page_digest(temporal_token) + temporal_token).decode()
+
+
+def _temporal_page_token(page_token: str) -> bytes | None:
+    """Temporal's page token inside ours; INVALID_ARGUMENT for anything ListRuns did not return.
+
+    Temporal answers a token it cannot parse with UNKNOWN, which its client retries for seconds: garbage must never
+    reach it. The digest is no secret; it tells a token we made from any other string.
+    """
+    if not page_token:
+        return None
+    try:
+        # Strict: the lenient decoder drops characters outside the alphabet, so " " or "*" became no token at all.
+        raw = base64.b64decode(page_token, altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    digest, token = raw[:_PAGE_DIGEST_SIZE], raw[_PAGE_DIGEST_SIZE:]
+    if len(page_token) > MAX_PAGE_TOKEN_LENGTH or not token or digest != _page_digest(token):
+        raise invalid("page_token", "is not a token that ListRuns returned")
+    return token
+
+
+def _page_digest(token: bytes) -> bytes:
+    return hashlib.blake2b(token, digest_size=_PAGE_DIGEST_SIZE, person=b"agentrun:runs:v1").digest()
+
+
 def _check_id(field: str, value: str, *, required: bool) -> None:
     if not value:
         if required:
             raise invalid(field, "must not be empty")
         return
-    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.match(value):
+    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.fullmatch(value):
         raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
 
 
@@ -493,14 +612,20 @@ async def serve(
     agents = load_agents(settings.agents_file)
     temporal = temporal or await connect_temporal(settings)
     redis_client = redis_client or connect_redis(settings, name=REDIS_CLIENT_NAME, wait_out_outages=False)
-    server = grpc.aio.server(interceptors=[ErrorMapping()], options=SERVER_OPTIONS)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]
+    if telemetry.enabled() and "grpc" not in telemetry.disabled_instrumentations():
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        # Outermost, so that its span sees the status that ErrorMapping gives each error. AgentService's calls
+        # only: StreamRun makes its own span, and health checks and reflection are not requests anyone follows.
+        traced = filters.all_of(filters.service_name(SERVICE_NAME), filters.negate(filters.method_name("StreamRun")))
+        interceptors.insert(0, aio_server_interceptor(filter_=traced))  # type: ignore[no-untyped-call]
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     service = AgentService(settings, temporal, redis_client, agents)
     pb_grpc.add_AgentServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
+    _reflection.enable(server, [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # gRPC's error when the port is taken
@@ -530,8 +655,10 @@ async def shutdown(server: grpc.aio.Server, grace: float = SHUTDOWN_GRACE_SECOND
 
 async def run_server(settings: Settings, *, port: int, host: str, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
+    telemetry.setup("agentrun-server")
     server, bound = await serve(settings, port=port, host=host)
     log.info("AgentService listening on %s:%d (task queue %r)", host, bound, settings.task_queue)
     await stop.wait()
     log.info("server shutting down")
     await shutdown(server)
+    telemetry.shutdown()

@@ -30,6 +30,7 @@ Procs = dict[str, asyncio.subprocess.Process]
 @dataclass
 class Stack:
     model_url: str  # the offline model's /v1 URL
+    temporal_address: str
     grpc_target: str  # the gRPC server's address
     redis_url: str
     redis_prefix: str
@@ -65,6 +66,7 @@ async def running_stack(
         unique = uuid.uuid4().hex[:8]  # own queue and keys, in case REDIS_URL is a shared Redis
         stack = Stack(
             model_url=f"http://127.0.0.1:{model_port}/v1",
+            temporal_address=temporal,
             grpc_target=f"127.0.0.1:{grpc_port}",
             redis_url=redis_url,
             redis_prefix=f"bench:{unique}:",
@@ -130,3 +132,31 @@ async def add_script(stack: Stack, key: str, steps: list[dict[str, object]]) -> 
             stack.model_url.removesuffix("/v1") + "/_offline/scripts", json={"key": key, "steps": steps}
         ) as reply:
             reply.raise_for_status()
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def temporal_requests(stack: Stack) -> dict[str, float]:
+    """How many requests the Temporal frontend has served so far, by operation (its Prometheus counters)."""
+    counts: dict[str, float] = {}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.temporal_metrics_url) as reply:
+            text = await reply.text()
+    for line in text.splitlines():
+        if line.startswith("service_requests{") and 'service_name="frontend"' in line:
+            labels, value = line[len("service_requests{") :].rsplit("} ", 1)
+            operation = labels.split('operation="', 1)[1].split('"', 1)[0]
+            counts[operation] = counts.get(operation, 0.0) + float(value)
+    return counts

@@ -2,7 +2,11 @@
 
 Starts every real component as production runs them (Temporal dev server, Redis, the offline model, and the
 worker and the gRPC server as separate processes) and prints figures; nothing is asserted. From the repo root:
-    python -m bench.ttft [--runs 30] [--tokens 2000]
+    python -m bench.ttft [--runs 30] [--tokens 2000] [--tracing]
+
+With ``--tracing`` it runs two stacks side by side instead, one without telemetry and one whose server, worker and
+client trace every run and export spans and metrics over OTLP/gRPC to a receiver in a process of its own, and
+prints the time to first token of both, their samples interleaved.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import asyncio
 import os
 import platform
 import statistics
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,6 +30,7 @@ import yaml
 
 from agentrun.client import AgentRunClient
 from bench._stack import ROOT, add_script, running_stack
+from devstack.stack import free_port
 
 AGENTS_FILE = ROOT / "agents.yaml"
 AGENT = "assistant"
@@ -41,6 +48,7 @@ class Sample:
     deltas: int
     start_rpc: float = 0.0  # agentrun only: the StartRun round trip
     emitted: float = 0.0  # agentrun only: StartRun call -> the worker creates the first delta (wall clock)
+    last_text: float = 0.0  # agentrun only: seconds from the call to the last text
 
 
 async def direct(llm: openai.AsyncOpenAI, agent: dict[str, Any], prompt: str) -> Sample:
@@ -64,7 +72,7 @@ async def via_agentrun(client: AgentRunClient, prompt: str) -> Sample:
     wall0, t0 = time.time(), time.perf_counter()
     run_id = await client.start_run(AGENT, prompt)
     start_rpc = time.perf_counter() - t0
-    ttft = emitted = 0.0
+    ttft = emitted = last_text = 0.0
     kind, parts = "", []
     # Opened as soon as the run id is known; stream_run stops after the terminal event.
     async for event in client.stream_run(run_id):
@@ -75,9 +83,10 @@ async def via_agentrun(client: AgentRunClient, prompt: str) -> Sample:
                 # The worker stamps each event as it creates it; one machine, so one clock.
                 emitted = event.time.ToNanoseconds() / 1e9 - wall0
             parts.append(event.text_delta.text)
+            last_text = time.perf_counter() - t0
     if kind != "run_completed":
         raise RuntimeError(f"run {run_id} ended with {kind or 'no terminal event'}")
-    return Sample(ttft, time.perf_counter() - t0, "".join(parts), len(parts), start_rpc, emitted)
+    return Sample(ttft, time.perf_counter() - t0, "".join(parts), len(parts), start_rpc, emitted, last_text)
 
 
 async def interleaved(paths: Paths, n: int, prompt: str) -> dict[str, list[Sample]]:
@@ -89,12 +98,14 @@ async def interleaved(paths: Paths, n: int, prompt: str) -> dict[str, list[Sampl
     return samples
 
 
-async def bench(runs: int, tokens: int) -> None:
+Measured = tuple[dict[str, list[Sample]], dict[str, list[Sample]]]  # TTFT samples, throughput samples
+
+
+async def measure(runs: int, chunks: list[str], *, env: dict[str, str]) -> Measured:
     agent = yaml.safe_load(AGENTS_FILE.read_text())["agents"][AGENT]
     key = f"bench-{uuid.uuid4().hex[:12]}"
-    chunks = [f"tok{i} " for i in range(tokens)]
     async with (
-        running_stack(AGENTS_FILE) as stack,
+        running_stack(AGENTS_FILE, env=env) as stack,
         openai.AsyncOpenAI(base_url=stack.model_url, api_key="offline", max_retries=0) as llm,
         AgentRunClient(stack.grpc_target) as client,
     ):
@@ -105,13 +116,81 @@ async def bench(runs: int, tokens: int) -> None:
         # Past its last step a script repeats it, so one key serves every repetition of both paths.
         await add_script(stack, key, [{"chunks": chunks}])
         long = await interleaved(paths, THROUGHPUT_REPS, f"Recite {key}, take {{i}}.")
-    report(runs, tokens, ttft, long, "".join(chunks))
+    return ttft, long
+
+
+@asynccontextmanager
+async def otlp_receiver() -> AsyncIterator[str]:
+    """An OTLP/gRPC receiver in a process of its own (so that receiving costs the measured processes nothing);
+    yields its endpoint."""
+    port = free_port()
+    receiver = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "devstack.collector",
+        "--port",
+        str(port),
+        "--quiet",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        receiver.terminate()
+        await receiver.wait()
+
+
+async def bench(runs: int, tokens: int, tracing: bool) -> None:
+    chunks = [f"tok{i} " for i in range(tokens)]
+    off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+    if not tracing:
+        ttft, long = await measure(runs, chunks, env=off)
+        report(runs, tokens, ttft, long, "".join(chunks))
+        return
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    # Two stacks at once, one traced, and their samples interleaved: on a shared machine, the noise between two
+    # stacks measured one after the other is larger than what tracing costs.
+    async with otlp_receiver() as endpoint:
+        on = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp"}
+        provider = TracerProvider(resource=Resource.create({"service.name": "bench-client"}))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+        interceptors = aio_client_interceptors(tracer_provider=provider)  # type: ignore[no-untyped-call]
+        async with (
+            running_stack(AGENTS_FILE, env=off) as plain,
+            running_stack(AGENTS_FILE, env=on) as traced,
+            AgentRunClient(plain.grpc_target) as plain_client,
+            AgentRunClient(traced.grpc_target, interceptors=interceptors) as traced_client,
+        ):
+            paths: Paths = {"off": partial(via_agentrun, plain_client), "on": partial(via_agentrun, traced_client)}
+            await interleaved(paths, WARMUP, "Warm-up {i}: say hello.")
+            ttft = await interleaved(paths, runs, "Question {i}: what is a durable workflow?")
+        await asyncio.to_thread(provider.shutdown)
+    print(f"\nagentrun TTFT with tracing off and on: {os.cpu_count()} CPUs, {platform.platform(terse=True)}")
+    print(f"two stacks side by side, {runs} interleaved samples each after {WARMUP} warm-ups; 'on' traces every run")
+    print("in server, worker and client and exports spans and metrics over OTLP/gRPC to a receiver process\n")
+    print(f"{'StartRun -> first text_delta (ms)':<46}{'median':>8}{'p10':>8}{'p90':>8}")
+    print(_row("tracing off", [s.ttft for s in ttft["off"]]))
+    print(_row("tracing on", [s.ttft for s in ttft["on"]]))
+    added = statistics.median(s.ttft for s in ttft["on"]) - statistics.median(s.ttft for s in ttft["off"])
+    verdict = "met" if added * 1e3 <= 2 else f"MISSED by {added * 1e3 - 2:.1f} ms"
+    print(f"  {'added by tracing (median - median)':<44}{added * 1e3:>8.1f}   target <= 2 ms: {verdict}")
+    print(_row("StartRun round trip, tracing off", [s.start_rpc for s in ttft["off"]]))
+    print(_row("StartRun round trip, tracing on", [s.start_rpc for s in ttft["on"]]))
+
+
+def _row(label: str, xs: list[float]) -> str:  # median, p10, p90 in ms
+    deciles = statistics.quantiles(xs, n=10, method="inclusive")
+    return f"  {label:<44}{statistics.median(xs) * 1e3:>8.1f}{deciles[0] * 1e3:>8.1f}{deciles[-1] * 1e3:>8.1f}"
 
 
 def report(runs: int, tokens: int, ttft: dict[str, list[Sample]], long: dict[str, list[Sample]], expected: str) -> None:
-    def row(label: str, xs: list[float]) -> str:  # median, p10, p90 in ms
-        deciles = statistics.quantiles(xs, n=10, method="inclusive")
-        return f"  {label:<44}{statistics.median(xs) * 1e3:>8.1f}{deciles[0] * 1e3:>8.1f}{deciles[-1] * 1e3:>8.1f}"
+    row = _row
 
     print(f"\nagentrun TTFT benchmark: {os.cpu_count()} CPUs, {platform.platform(terse=True)}")
     print(f"offline model (0 ms token delay); {runs} interleaved samples per path after {WARMUP} warm-ups\n")
@@ -133,7 +212,7 @@ def report(runs: int, tokens: int, ttft: dict[str, list[Sample]], long: dict[str
     print(f"\n{f'throughput, {tokens}-token reply, {THROUGHPUT_REPS} reps':<46}{'tok/s':>8}{'ms':>8}{'deltas':>8}")
     labels = {"direct": "direct   (create() -> end of stream)", "agentrun": "agentrun (StartRun -> terminal event)"}
     for name, rows in long.items():
-        rate = statistics.median(s.deltas / s.total for s in rows)
+        rate = statistics.median(tokens / s.total for s in rows)
         total = statistics.median(s.total for s in rows) * 1e3
         print(f"  {labels[name]:<44}{rate:>8.0f}{total:>8.1f}{statistics.median(s.deltas for s in rows):>8.0f}")
         if bad := sum(s.text != expected for s in rows):
@@ -144,8 +223,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="TTFT samples per path (at least 2)")
     parser.add_argument("--tokens", type=int, default=2000, help="length of the throughput reply, in tokens")
+    parser.add_argument("--tracing", action="store_true", help="measure again with tracing on, and compare")
     args = parser.parse_args()
-    asyncio.run(bench(max(2, args.runs), args.tokens))
+    asyncio.run(bench(max(2, args.runs), args.tokens, args.tracing))
 
 
 if __name__ == "__main__":

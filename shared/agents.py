@@ -73,6 +73,9 @@ class AgentConfig:
     # How many times a model call is tried while the endpoint is unreachable, overloaded or rate limited
     # (1, 2, 4 ... 60 s apart, or as its Retry-After says) before the run fails.
     model_attempts: int = 10
+    # Whether traces record prompts, completions, and tool arguments and results. Off by default: they may hold
+    # secrets and personal data.
+    trace_content: bool = False
 
     def run_timeout_seconds(self) -> float:
         return self.timeout_seconds if self.timeout_seconds is not None else MODE_TIMEOUTS[self.mode]
@@ -153,6 +156,8 @@ def _check(agent: AgentConfig) -> None:
         raise ValueError("max_iterations must be a positive integer")
     if agent.reasoning_effort is not None and agent.reasoning_effort not in REASONING_EFFORTS:
         raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
+    if not isinstance(agent.trace_content, bool):
+        raise ValueError("trace_content must be true or false")
     if not isinstance(agent.model_attempts, int) or agent.model_attempts < 1:
         raise ValueError("model_attempts must be a positive integer")
     if agent.history_max_messages < 1 or agent.history_ttl_seconds < 1:

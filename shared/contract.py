@@ -88,6 +88,15 @@ class Usage:
             self.total_tokens + other.total_tokens,
         )
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.cached_tokens - other.cached_tokens,
+            self.reasoning_tokens - other.reasoning_tokens,
+            self.total_tokens - other.total_tokens,
+        )
+
 
 @dataclass
 class RunInput:
@@ -124,6 +133,8 @@ class Approval:
     approver: str = ""
     reason: str = ""
     timed_out: bool = False
+    # When the run asked (RFC 3339, UTC); empty in runs that predate it.
+    requested_at: str = ""
 
 
 @dataclass
@@ -169,6 +180,8 @@ class CallModelInput:
     agent_path: list[str] = field(default_factory=list)
     # The tools' schema digests that the run's first round used; empty in the first round.
     tool_digests: dict[str, str] = field(default_factory=dict)
+    # What the run's earlier rounds cost: a round whose reply is the run's answer ends the run with the total.
+    usage_before: Usage = field(default_factory=Usage)
 
 
 @dataclass
@@ -186,6 +199,9 @@ class ModelReply:
     output_error: str = ""
     # The schema digest of every tool of the agent, as this round offered them: the run's tool snapshot.
     tool_digests: dict[str, str] = field(default_factory=dict)
+    # The sequence of the run_completed event that this round published, its reply being the run's answer; 0 when
+    # the workflow ends the run (as it did for every round before rounds could).
+    ended_run: int = 0
 
 
 @dataclass
@@ -200,6 +216,8 @@ class RunToolInput:
     agent_path: list[str] = field(default_factory=list)
     # The tool's schema digest in the run's snapshot; empty for runs that predate snapshots of tools.
     tool_digest: str = ""
+    # Whether the call's arguments and result go into its trace (the agent's trace_content).
+    trace_content: bool = False
 
 
 @dataclass

@@ -83,6 +83,9 @@ def channel(prefix: str, run_id: str) -> str:
     return _key(prefix, run_id, "live")
 
 
+_NO_TRACE = "1"
+
+
 def _started_key(prefix: str, run_id: str) -> str:
     return _key(prefix, run_id, "started")
 
@@ -200,9 +203,25 @@ async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:
     return bool(await client.exists(stream_key(prefix, run_id)))
 
 
-async def mark_started(client: redis.Redis, prefix: str, run_id: str, *, ttl_seconds: int) -> None:
-    """Records that the run exists, so that watching it before its first event needs no question to Temporal."""
-    await client.set(_started_key(prefix, run_id), 1, ex=ttl_seconds)
+async def mark_started(
+    client: redis.Redis, prefix: str, run_id: str, *, ttl_seconds: int, traceparent: str = ""
+) -> str:
+    """Records that the run exists, so that watching it before its first event needs no question to Temporal, and
+    the trace it started in (a W3C ``traceparent``). Returns the trace recorded by the first mark (the run's)."""
+    earlier = await client.set(
+        _started_key(prefix, run_id), traceparent or _NO_TRACE, ex=ttl_seconds, nx=True, get=True
+    )
+    return traceparent if earlier is None else _traceparent(earlier)
+
+
+async def run_traceparent(client: redis.Redis, prefix: str, run_id: str) -> str:
+    """The ``traceparent`` of the StartRun that started the run; empty when it was not traced or Redis forgot."""
+    return _traceparent(await client.get(_started_key(prefix, run_id)))
+
+
+def _traceparent(value: Any) -> str:
+    text = value.decode() if isinstance(value, bytes) else str(value or "")
+    return "" if text == _NO_TRACE else text
 
 
 async def is_known(client: redis.Redis, prefix: str, run_id: str) -> bool:

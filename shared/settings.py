@@ -63,9 +63,20 @@ class Settings:
 
 
 async def connect_temporal(settings: Settings) -> Client:
-    """A client of the Temporal cluster; ConnectionError naming the address when it cannot be reached."""
+    """A Temporal client; when the process traces, Temporal's OpenTelemetry interceptor carries the trace into
+    workflow and activity headers (a worker built on this client traces its workflows and activities too).
+    ConnectionError naming the address when Temporal cannot be reached."""
+    from shared import telemetry
+
+    interceptors = []
+    if telemetry.enabled() and "temporal" not in telemetry.disabled_instrumentations():
+        from temporalio.contrib.opentelemetry import TracingInterceptor
+
+        interceptors.append(TracingInterceptor())
     try:
-        return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+        return await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace, interceptors=interceptors
+        )
     except RuntimeError as err:  # the SDK's error for a server that does not answer
         raise ConnectionError(
             f"cannot connect to Temporal at {settings.temporal_address} (TEMPORAL_ADDRESS): {err}"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from shared import events
+from agentrun.v1 import agent_service_pb2 as pb
+from shared import events, telemetry
 from shared.agents import AgentConfig
 from shared.contract import (
     CallModelInput,
@@ -27,6 +29,8 @@ from shared.contract import (
     ModelReply,
     PublishEventsInput,
     PublishOutcomeInput,
+    RunEnd,
+    RunOutcome,
     RunToolInput,
     ToolCallRequest,
     ToolCallStatus,
@@ -34,7 +38,8 @@ from shared.contract import (
     Usage,
 )
 from shared.conversations import ConversationStore
-from shared.run_stream import RunStreamWriter
+from shared.run_stream import AppendResult, RunStreamWriter
+from worker import _telemetry
 from worker.tools import ToolContext, ToolError, ToolRegistry
 
 # How often a running activity tells Temporal it is alive. Cancellation reaches
@@ -62,6 +67,8 @@ class _Resumed:
 
     floor: int
     already_sent: str = ""
+    # An earlier attempt ended the run with its reply (this run_completed event) before Temporal heard of it.
+    answer: pb.RunEvent | None = None
 
 
 class _TextPublisher:
@@ -162,14 +169,22 @@ class _StreamedReply:
         self.text: list[str] = []
         self.usage = Usage()
         self._calls: dict[int, dict[str, str]] = {}
+        # What the reply says about itself, for its trace.
+        self.model = ""
+        self.id = ""
+        self.finish_reasons: list[str] = []
 
     def add(self, chunk: dict[str, Any]) -> str:
         """Takes in one chunk (a ``chat.completion.chunk`` as JSON); returns its text."""
         if chunk.get("usage"):
             self.usage = _usage_from(chunk["usage"])
+        if not self.model:
+            self.model, self.id = chunk.get("model") or "", chunk.get("id") or ""
         text = ""
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
+            if choice.get("finish_reason"):
+                self.finish_reasons.append(choice["finish_reason"])
             for piece in delta.get("tool_calls") or ():
                 call = self._calls.setdefault(piece.get("index", 0), {"id": "", "name": "", "arguments": ""})
                 call["id"] = piece.get("id") or call["id"]
@@ -218,13 +233,21 @@ class RunActivities:
         self._stream = stream
         self._tools = tools
         self._conversations = conversations
+        self._base_url = str(model.base_url)
 
     @activity.defn
     async def call_model(self, input: CallModelInput) -> ModelReply:
         """Streams one model reply, publishing its text to the run's stream as it arrives."""
+        call = _telemetry.ModelCall(input.agent, self._base_url, input.round)
+        with call.span() as span:
+            return await self._call_model(input, call, span)
+
+    async def _call_model(self, input: CallModelInput, call: _telemetry.ModelCall, span: Any) -> ModelReply:
         agent = input.agent
         tool_digests = self._check_tools(agent, input.tool_digests)
         resumed = await self._resume(input)
+        if resumed.answer is not None:
+            return await self._answered_before(input, resumed.answer, tool_digests)
         publisher = _TextPublisher(self._stream, input, resumed)
         streamed = _StreamedReply()
         try:
@@ -240,6 +263,8 @@ class RunActivities:
                     **_request_options(agent, self._tools.specs(agent.tools) if _offers_tools(input) else []),
                 ) as response:
                     async for chunk in _chunks(response):
+                        if not call.first_chunk_at:
+                            call.first_chunk_at = time.perf_counter()
                         if publisher.add(streamed.add(chunk)) and publisher.idle:
                             # Let the publisher send now, even when more chunks are already buffered; while a
                             # write is in flight, the text waits for the next one anyway.
@@ -260,7 +285,60 @@ class RunActivities:
             tool_digests=tool_digests,
         )
         await self._complete_reply(input, reply, streamed.calls())
+        call.finish(
+            span,
+            reply.usage,
+            response_model=streamed.model,
+            response_id=streamed.id,
+            finish_reasons=streamed.finish_reasons,
+            messages=messages,
+            text=reply.text,
+            calls=reply.tool_calls,
+        )
+        if not reply.tool_calls and not reply.output_error:
+            # The reply is the run's answer: end the run here, so the client has run_completed right after the last
+            # token instead of after another workflow task and a Temporal round trip.
+            outcome = RunOutcome(
+                RunEnd.COMPLETED,
+                output=reply.text,
+                usage=input.usage_before + reply.usage,
+                structured_output=reply.structured_output,
+            )
+            end = await self._end_run(
+                PublishOutcomeInput(input.run_id, reply.last_sequence, outcome, input.conversation_id, input.agent_path)
+            )
+            if not end.closed:  # else the run had already ended another way (cancelled): the workflow says how
+                reply.ended_run = reply.last_sequence = end.last_sequence
         return reply
+
+    async def _answered_before(
+        self, input: CallModelInput, answer: pb.RunEvent, tool_digests: dict[str, str]
+    ) -> ModelReply:
+        """The reply of an earlier attempt that ended the run with it: the model is not asked again, since its
+        answer may differ from the one the client has."""
+        outcome = events.outcome_of(answer)
+        if input.conversation_id:
+            await self._conversations.release_active_run(input.conversation_id, input.run_id)
+        return ModelReply(
+            text=outcome.output,
+            usage=outcome.usage - input.usage_before,
+            last_sequence=answer.sequence,
+            message=_assistant_message(outcome.output, []),
+            structured_output=outcome.structured_output,
+            tool_digests=tool_digests,
+            ended_run=answer.sequence,
+        )
+
+    async def _end_run(self, end: PublishOutcomeInput) -> AppendResult:
+        """Publishes the run's terminal event, then frees its conversation for the next run."""
+        result = await self._stream.append(
+            end.run_id, [events.run_ended(end.outcome)], floor=end.after_sequence, agent_path=end.agent_path
+        )
+        if end.conversation_id:
+            await self._conversations.release_active_run(end.conversation_id, end.run_id)
+        if not result.closed:  # this append ended the run (a retry, or a run ended otherwise, adds nothing)
+            telemetry.instruments().runs_ended.add(1, {"agentrun.run.outcome": end.outcome.end.removeprefix("run_")})
+        return result
 
     def _check_tools(self, agent: AgentConfig, snapshot: dict[str, str]) -> dict[str, str]:
         """The digests of the agent's tools here; refuses a run whose snapshot needs tools that this worker lacks
@@ -292,7 +370,8 @@ class RunActivities:
             return _Resumed(floor=floor + LOST_SEQUENCE_MARGIN)
         earlier = await self._stream.read_after(input.run_id, input.after_sequence)
         text = "".join(event.text_delta.text for event in earlier if event.HasField("text_delta"))
-        return _Resumed(floor=max(floor, stored), already_sent=text)
+        answer = earlier[-1] if earlier and earlier[-1].HasField("run_completed") else None
+        return _Resumed(floor=max(floor, stored), already_sent=text, answer=answer)
 
     async def _model_messages(self, input: CallModelInput) -> list[dict[str, Any]]:
         agent = input.agent
@@ -369,15 +448,19 @@ class RunActivities:
             call_id=input.call_id,
             idempotency_key=f"{input.run_id}:{input.call_id}",
         )
-        try:
-            async with _heartbeating():
-                arguments = self._tools.parse_arguments(input.name, input.arguments)
-                result = await self._tools.run(input.name, arguments, context)
-            outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
-        except ToolError as err:
-            outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
-        except Exception as err:
-            outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{type(err).__name__}: {err}")
+        with _telemetry.tool_call(
+            input.name, input.call_id, input.arguments, record_content=input.trace_content
+        ) as span:
+            try:
+                async with _heartbeating():
+                    arguments = self._tools.parse_arguments(input.name, input.arguments)
+                    result = await self._tools.run(input.name, arguments, context)
+                outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
+            except ToolError as err:
+                outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
+            except Exception as err:
+                outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{type(err).__name__}: {err}")
+            _telemetry.tool_ended(span, input.name, outcome, record_content=input.trace_content)
         published = await self._stream.append(
             input.run_id,
             [events.tool_call_finished(input.call_id, input.name, outcome)],
@@ -391,6 +474,11 @@ class RunActivities:
     @activity.defn
     async def publish_events(self, input: PublishEventsInput) -> int:
         """Publishes events that the workflow itself produces; returns the last sequence."""
+        for event in input.events:
+            if event.approval_requested is not None:
+                _telemetry.approval_requested(input.run_id, event.approval_requested)
+            elif event.approval_decided is not None:
+                _telemetry.approval_decided(input.run_id, event.approval_decided)
         result = await self._stream.append(
             input.run_id,
             [events.workflow_event(event) for event in input.events],
@@ -403,12 +491,7 @@ class RunActivities:
     @activity.defn
     async def publish_terminal_event(self, input: PublishOutcomeInput) -> int:
         """Publishes the run's last event and frees its conversation; returns the event's sequence."""
-        result = await self._stream.append(
-            input.run_id, [events.run_ended(input.outcome)], floor=input.after_sequence, agent_path=input.agent_path
-        )
-        if input.conversation_id:
-            await self._conversations.release_active_run(input.conversation_id, input.run_id)
-        return result.last_sequence
+        return (await self._end_run(input)).last_sequence
 
 
 def _failure(err: Exception, published: int) -> ApplicationError:

@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from shared import telemetry
 from shared.agents import AgentConfig, AgentConfigError, load_agents
 from shared.conversations import ConversationStore
 from shared.run_stream import RunStreamWriter
@@ -143,6 +144,7 @@ async def run_worker(
     get ``shutdown_grace_seconds`` to finish before they are cancelled."""
     agents = load_agents(settings.agents_file)
     stop = stop or stop_on_signals()
+    telemetry.setup("agentrun-worker")
     client = await connect_temporal(settings)
     redis_client = connect_redis(settings, name="agentrun-worker", wait_out_outages=True)
     await redis_client.ping()
@@ -162,3 +164,4 @@ async def run_worker(
                 log.info("worker shutting down")
     finally:
         await redis_client.aclose()
+        telemetry.shutdown()

@@ -104,7 +104,7 @@ class AgentRunWorkflow:
         try:
             for round in range(agent.max_iterations):
                 final = round == agent.max_iterations - 1
-                reply = await self._call_model(input, messages, round, final_round=final and bool(agent.tools))
+                reply = await self._call_model(input, messages, round, usage, final_round=final and bool(agent.tools))
                 usage += reply.usage
                 messages.append(reply.message)
                 if not reply.tool_calls:
@@ -133,14 +133,19 @@ class AgentRunWorkflow:
         except _RunFailure as err:
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=str(err)))
             raise ApplicationError(str(err), type=err.error_type, non_retryable=True) from None
-        outcome = RunOutcome(
-            RunEnd.COMPLETED, output=reply.text, usage=usage, structured_output=reply.structured_output
-        )
-        last = await self._finish(input, outcome)
+        if reply.ended_run:
+            # The model round published run_completed itself; only the memo is left to record.
+            last = reply.ended_run
+            workflow.upsert_memo({MEMO_LAST_SEQUENCE: last})
+        else:
+            outcome = RunOutcome(
+                RunEnd.COMPLETED, output=reply.text, usage=usage, structured_output=reply.structured_output
+            )
+            last = await self._finish(input, outcome)
         return RunResult(reply.text, usage, last, reply.structured_output)
 
     async def _call_model(
-        self, input: RunInput, messages: list[dict[str, Any]], round: int, *, final_round: bool
+        self, input: RunInput, messages: list[dict[str, Any]], round: int, usage_before: Usage, *, final_round: bool
     ) -> ModelReply:
         reply = await workflow.execute_activity_method(
             RunActivities.call_model,
@@ -154,6 +159,7 @@ class AgentRunWorkflow:
                 final_round=final_round,
                 agent_path=self._agent_path,
                 tool_digests=self._tool_digests,
+                usage_before=usage_before,
             ),
             start_to_close_timeout=MODEL_CALL_TIMEOUT,
             heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
@@ -191,6 +197,7 @@ class AgentRunWorkflow:
                 after_sequence=self._last_sequence,
                 agent_path=self._agent_path,
                 tool_digest=self._tool_digests.get(call.name, ""),
+                trace_content=input.agent.trace_content,
             ),
             start_to_close_timeout=TOOL_TIMEOUT,
             heartbeat_timeout=TOOL_HEARTBEAT_TIMEOUT,
@@ -218,6 +225,7 @@ class AgentRunWorkflow:
             arguments=call.arguments,
             arguments_sha256=hashlib.sha256(call.arguments.encode()).hexdigest(),
             deadline=deadline.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            requested_at=workflow.now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         )
         self._approvals[approval.approval_id] = approval
         approval.sequence = await self._publish(WorkflowEvent(approval_requested=approval))

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from agentrun.v1 import agent_service_pb2 as pb
+from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 from shared.run_stream import stream_key
 from tests.conftest import Stack, details
 
@@ -90,6 +91,30 @@ async def test_several_subscribers_each_get_the_whole_stream(stack: Stack) -> No
 
     assert streams[0] == streams[1] == streams[2]
     assert text_of(streams[0]) == TEXT
+
+
+async def test_a_burst_of_streams_at_once_is_served_not_shed(stack: Stack) -> None:
+    # More calls at once than gRPC queues by default (1,000): every client of a dead replica failing over here.
+    burst, channels = 1500, 3
+    run_id = await stack.client.start_run("assistant", stack.model.script({"chunks": WORDS}))
+    expected = await collect(stack, run_id)
+    # Raw stubs, since the client library would retry a shed call: the server itself must serve every one.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    opened = [grpc.aio.insecure_channel(stack.address, options=own_connection) for _ in range(channels)]
+    stubs = [pb_grpc.AgentServiceStub(channel) for channel in opened]
+
+    async def stream(i: int) -> list[pb.RunEvent]:
+        call = stubs[i % channels].StreamRun(pb.StreamRunRequest(run_id=run_id))
+        return [response.event async for response in call]
+
+    try:
+        streams = await asyncio.gather(*(stream(i) for i in range(burst)), return_exceptions=True)
+    finally:
+        await asyncio.gather(*(channel.close() for channel in opened))
+
+    failures = [err for err in streams if isinstance(err, BaseException)]
+    assert not failures, f"{len(failures)} of {burst} streams failed, the first with {failures[0]}"
+    assert all(events == expected for events in streams)
 
 
 async def test_a_disconnecting_subscriber_does_not_cancel_the_run(stack: Stack) -> None:

@@ -82,6 +82,11 @@ SCENARIOS = {
     "conversation": Scenario("chat", [{"text": "Hello again."}], conversation_id="recorded-conversation"),
     "run_timed_out": Scenario("hasty", [{"text": "slow " * 200, "delay_ms": 20}]),
     "structured_output": Scenario("json", [{"text": '{"city": "Oslo", "population": 700000}'}]),
+    # Since the model round that answers publishes run_completed itself.
+    "answer_ends_run": Scenario("tools", [call("calculator", expression="2+3"), {"text": "It is 5."}]),
+    "answer_ends_run_in_conversation": Scenario(
+        "chat", [{"text": "Hello once more."}], conversation_id="recorded-conversation-2"
+    ),
 }
 
 

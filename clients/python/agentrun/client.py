@@ -20,11 +20,13 @@ TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 APPROVER_METADATA = "x-agentrun-approver"
 RETRY_BUDGET_SECONDS = 60.0
 
-# The one code that says the server or the connection went away rather than answering the request: nothing listens
-# at the address ("failed to connect to all addresses"), the server's process died mid-call ("Stream removed (Socket
-# closed)" when it is SIGKILLed), or it stopped and ended the calls still open ("Cancelling all calls"). Every other
+# The codes that say the server or the connection went away rather than answering the request. UNAVAILABLE: nothing
+# listens at the address ("failed to connect to all addresses"), the server's process died mid-call ("Stream removed
+# (Socket closed)" when it is SIGKILLed), or it stopped and ended the calls still open ("Cancelling all calls").
+# CANCELLED that this client did not ask for (its own cancellations raise asyncio.CancelledError): gRPC on the server
+# shed the call before any handler saw it, as it does when more calls arrive at once than it queues. Every other
 # code is an answer that another replica would repeat; INTERNAL in particular also means a bug on the server.
-_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 2.0
 # gRPC waits up to two minutes between attempts to reconnect to an address that keeps failing, during which every
@@ -95,7 +97,10 @@ class AgentRunClient:
     these retries come on top.
 
     With ``channel``, the client makes its calls on that channel alone (no list to fail over to, but UNAVAILABLE is
-    still retried there) and closes it on ``close()``. Otherwise it opens one channel per address on first use.
+    still retried there) and closes it on ``close()``. Otherwise it opens one channel per address on first use, with
+    ``interceptors`` on each: to trace the calls, pass OpenTelemetry's, which send the W3C trace context to the
+    server (``opentelemetry.instrumentation.grpc.aio_client_interceptors()``, from the
+    ``opentelemetry-instrumentation-grpc`` package; the client itself needs no OpenTelemetry).
     ``on_retry`` is called with each error that is retried, before the wait, so that a program can tell its user.
     """
 
@@ -105,8 +110,10 @@ class AgentRunClient:
         *,
         channel: grpc.aio.Channel | None = None,
         retry_budget_seconds: float = RETRY_BUDGET_SECONDS,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         on_retry: Callable[[grpc.aio.AioRpcError], None] | None = None,
     ) -> None:
+        self._interceptors = list(interceptors)
         self.on_retry = on_retry
         self.targets: tuple[str, ...] = () if channel is not None else _addresses(target)
         self.retry_budget_seconds = retry_budget_seconds
@@ -253,7 +260,9 @@ class AgentRunClient:
 
     def _channel(self, index: int) -> grpc.aio.Channel:
         if index not in self._channels:
-            self._channels[index] = grpc.aio.insecure_channel(self.targets[index], options=_CHANNEL_OPTIONS)
+            self._channels[index] = grpc.aio.insecure_channel(
+                self.targets[index], options=_CHANNEL_OPTIONS, interceptors=self._interceptors or None
+            )
         return self._channels[index]
 
     def _stub(self, index: int) -> pb_grpc.AgentServiceAsyncStub:

@@ -120,14 +120,21 @@ class StartRunRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
-    """The name of a configured agent, for example "assistant"."""
+    """The name of a configured agent, for example "assistant"; required, and
+    follows the id rules of AgentService.
+    """
     input: _builtins.str
-    """The user's message that the agent answers; it must not be empty."""
+    """The user's message that the agent answers: not empty or only whitespace,
+    and at most 256 KiB (262,144 bytes of UTF-8).
+    """
     conversation_id: _builtins.str
-    """The conversation the run belongs to; empty starts a run without history."""
+    """The conversation the run belongs to; empty starts a run without history.
+    Follows the id rules of AgentService; chosen by the caller.
+    """
     request_id: _builtins.str
     """A caller-chosen key that makes the call idempotent: a request with a
     request_id already used returns the run that the first one started.
+    Follows the id rules of AgentService; empty makes no such promise.
     """
     def __init__(
         self,
@@ -152,16 +159,26 @@ class StartRunResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The id of the run, used by every other call about it."""
+    """The id of the run, used by every other call about it: "run-" and 32
+    hexadecimal digits.
+    """
+    trace_id: _builtins.str
+    """The OpenTelemetry trace id of the run (32 lowercase hexadecimal digits):
+    the trace of the StartRun call that started it, which holds the
+    workflow, its model and tool calls and its approval requests. Empty when
+    the server does not trace.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -176,10 +193,11 @@ class StreamRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The id of the run to follow."""
+    """The id of the run to follow; required."""
     after_sequence: _builtins.int
     """The last sequence number the caller has already seen; 0 streams from the
-    start. Events with a greater sequence number are sent.
+    start. Events with a greater sequence number are sent. Must not be
+    negative.
     """
     def __init__(
         self,
@@ -485,7 +503,9 @@ class ApprovalRequested(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     approval_id: _builtins.str
-    """The id to answer with Approve."""
+    """The id to answer with Approve: "ap-" and 16 hexadecimal digits, unique
+    within the run.
+    """
     call_id: _builtins.str
     """The id of the tool call that waits."""
     tool_name: _builtins.str
@@ -741,16 +761,21 @@ class ApproveRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     ARGUMENTS_SHA256_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The id of the run that asked for approval."""
+    """The id of the run that asked for approval; required."""
     approval_id: _builtins.str
-    """The id of the approval request, from its approval_requested event."""
+    """The id of the approval request, from its approval_requested event;
+    required.
+    """
     decision: Global___ApprovalDecision.ValueType
-    """The answer."""
+    """The answer: APPROVAL_DECISION_APPROVE or APPROVAL_DECISION_DENY."""
     reason: _builtins.str
-    """Why the approver decided so, shown to the model on a denial."""
+    """Why the approver decided so, shown to the model on a denial; at most 2000
+    characters.
+    """
     arguments_sha256: _builtins.str
-    """Optionally, the arguments_sha256 of the request being answered: when it
-    differs from the request's, the call fails with FAILED_PRECONDITION.
+    """Optionally, the arguments_sha256 of the request being answered (64
+    lowercase hexadecimal digits): when it differs from the request's, the
+    call fails with FAILED_PRECONDITION and nothing is decided.
     """
     def __init__(
         self,
@@ -807,7 +832,7 @@ class GetRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The id of the run."""
+    """The id of the run; required."""
     def __init__(
         self,
         *,
@@ -854,9 +879,11 @@ class CancelRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The id of the run."""
+    """The id of the run; required."""
     reason: _builtins.str
-    """Why the run is cancelled; carried into its run_cancelled event."""
+    """Why the run is cancelled, at most 2000 characters; carried into its
+    run_cancelled event.
+    """
     def __init__(
         self,
         *,

@@ -29,10 +29,29 @@ class AgentServiceStub:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
 
-    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
-    Redis (the message names which) or is shutting down: retry it, on another
-    replica if there is one. A request field that is not valid is
-    INVALID_ARGUMENT with a message that starts with the field's name.
+    Status codes that every call may answer, besides those its own comment
+    lists:
+
+    - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
+    which), or it is shutting down, or nothing listens. Retry, on another
+    replica if there is one. The call may have taken effect before the answer
+    was lost: every call is safe to repeat, StartRun when it carries a
+    request_id.
+    - INVALID_ARGUMENT: a request field is not valid. The message starts with
+    the field's name and a colon, for example "input: must not be empty". A
+    request whose bytes are no valid message of its type gets it too.
+    - CANCELLED, when the caller did not cancel: gRPC on the server shed the
+    call before any handler saw it (a burst of more than 20,000 calls waiting
+    to be taken up). Retry, as for UNAVAILABLE.
+    - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
+    larger than 4 MiB, the limit in both directions.
+    - INTERNAL: a fault of the server; the message carries an incident id that
+    the server's log explains. No call answers UNKNOWN.
+
+    Ids: run_id, approval_id, conversation_id, request_id and agent are 1 to 128
+    characters of ASCII letters, digits and ". _ : -". The server makes run ids
+    ("run-" and 32 hexadecimal digits) and approval ids ("ap-" and 16); the
+    caller chooses conversation and request ids.
     """
 
     def __init__(self, channel):
@@ -82,15 +101,44 @@ class AgentServiceServicer:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
 
-    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
-    Redis (the message names which) or is shutting down: retry it, on another
-    replica if there is one. A request field that is not valid is
-    INVALID_ARGUMENT with a message that starts with the field's name.
+    Status codes that every call may answer, besides those its own comment
+    lists:
+
+    - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
+    which), or it is shutting down, or nothing listens. Retry, on another
+    replica if there is one. The call may have taken effect before the answer
+    was lost: every call is safe to repeat, StartRun when it carries a
+    request_id.
+    - INVALID_ARGUMENT: a request field is not valid. The message starts with
+    the field's name and a colon, for example "input: must not be empty". A
+    request whose bytes are no valid message of its type gets it too.
+    - CANCELLED, when the caller did not cancel: gRPC on the server shed the
+    call before any handler saw it (a burst of more than 20,000 calls waiting
+    to be taken up). Retry, as for UNAVAILABLE.
+    - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
+    larger than 4 MiB, the limit in both directions.
+    - INTERNAL: a fault of the server; the message carries an incident id that
+    the server's log explains. No call answers UNKNOWN.
+
+    Ids: run_id, approval_id, conversation_id, request_id and agent are 1 to 128
+    characters of ASCII letters, digits and ". _ : -". The server makes run ids
+    ("run-" and 32 hexadecimal digits) and approval ids ("ap-" and 16); the
+    caller chooses conversation and request ids.
     """
 
     def StartRun(self, request, context):
-        """StartRun starts a run of a configured agent and returns at once with its id.
-        Sending the same request_id again returns the same run id.
+        """StartRun starts a run of a configured agent and returns at once with its
+        id. A request with a request_id already used returns the run the first one
+        started, even after that run has ended; the rest of the request is not
+        compared. The user's input is saved to the conversation before the run
+        starts.
+
+        INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
+        (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
+        NOT_FOUND when no agent of that name is configured (the message lists the
+        configured agents). FAILED_PRECONDITION
+        when the conversation already has an active run (one run per conversation
+        at a time; the message names the active run).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,7 +149,12 @@ class AgentServiceServicer:
         follows the run live until its terminal event, then ends with OK. A
         stream that ends with UNAVAILABLE (Redis went away, the server is
         shutting down) is resumed with after_sequence set to the last event
-        received. NOT_FOUND when there is no such run.
+        received; a resumed stream first sends again the approval requests that
+        still wait for an answer, with their original sequence numbers.
+        Disconnecting never affects the run.
+
+        INVALID_ARGUMENT for a run_id that breaks the id rules or a negative
+        after_sequence. NOT_FOUND when there is no such run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,20 +162,29 @@ class AgentServiceServicer:
 
     def Approve(self, request, context):
         """Approve answers an approval request of a run. The approver is read from
-        the request metadata "x-agentrun-approver" and recorded with the
-        decision. Sending the same decision again, even after the run has ended,
-        answers with the decision recorded. NOT_FOUND for an unknown run or
-        approval; FAILED_PRECONDITION when the approval was decided otherwise, the
-        arguments_sha256 differs, or the run ended before a decision;
-        UNAVAILABLE when no worker took the decision within 5 seconds: it may
-        still take effect, and sending the same decision again tells.
+        the request metadata "x-agentrun-approver" (at most 128 characters) and
+        recorded with the decision. Sending the same decision again, even after
+        the run has ended, answers with the decision recorded.
+
+        INVALID_ARGUMENT for an unspecified decision, a reason longer than 2000
+        characters, an arguments_sha256 that is not 64 lowercase hexadecimal
+        digits, or an approver longer than 128 characters. UNAUTHENTICATED when the
+        "x-agentrun-approver" metadata is missing or blank. NOT_FOUND for an
+        unknown run or approval. FAILED_PRECONDITION when the approval was already
+        decided otherwise, the arguments_sha256 differs from the request's, or the
+        run ended before a decision. UNAVAILABLE when no worker took the decision
+        within 5 seconds: it may still take effect, and sending the same decision
+        again tells.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """GetRun returns the current state of a run.
+        """GetRun returns the current state of a run, with its pending and decided
+        approvals.
+
+        NOT_FOUND when there is no such run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +192,11 @@ class AgentServiceServicer:
 
     def CancelRun(self, request, context):
         """CancelRun asks a running run to stop; its stream ends with run_cancelled.
+        Cancelling a run that was already cancelled is OK.
+
+        INVALID_ARGUMENT for a reason longer than 2000 characters. NOT_FOUND when
+        there is no such run. FAILED_PRECONDITION when the run has already
+        completed or failed (the message names its state).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,13 +204,17 @@ class AgentServiceServicer:
 
     def ListRuns(self, request, context):
         """ListRuns pages through recent runs, newest first.
+
+        INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
+        ListRuns did not return.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """ListAgents returns the agents that StartRun accepts, by name.
+        """ListAgents returns the agents that StartRun accepts, by name. It needs
+        neither Temporal nor Redis: the server reads its agents file at start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,10 +270,29 @@ class AgentService:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
 
-    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
-    Redis (the message names which) or is shutting down: retry it, on another
-    replica if there is one. A request field that is not valid is
-    INVALID_ARGUMENT with a message that starts with the field's name.
+    Status codes that every call may answer, besides those its own comment
+    lists:
+
+    - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
+    which), or it is shutting down, or nothing listens. Retry, on another
+    replica if there is one. The call may have taken effect before the answer
+    was lost: every call is safe to repeat, StartRun when it carries a
+    request_id.
+    - INVALID_ARGUMENT: a request field is not valid. The message starts with
+    the field's name and a colon, for example "input: must not be empty". A
+    request whose bytes are no valid message of its type gets it too.
+    - CANCELLED, when the caller did not cancel: gRPC on the server shed the
+    call before any handler saw it (a burst of more than 20,000 calls waiting
+    to be taken up). Retry, as for UNAVAILABLE.
+    - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
+    larger than 4 MiB, the limit in both directions.
+    - INTERNAL: a fault of the server; the message carries an incident id that
+    the server's log explains. No call answers UNKNOWN.
+
+    Ids: run_id, approval_id, conversation_id, request_id and agent are 1 to 128
+    characters of ASCII letters, digits and ". _ : -". The server makes run ids
+    ("run-" and 32 hexadecimal digits) and approval ids ("ap-" and 16); the
+    caller chooses conversation and request ids.
     """
 
     @staticmethod

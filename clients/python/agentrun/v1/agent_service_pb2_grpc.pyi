@@ -30,10 +30,29 @@ class AgentServiceStub:
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
 
-    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
-    Redis (the message names which) or is shutting down: retry it, on another
-    replica if there is one. A request field that is not valid is
-    INVALID_ARGUMENT with a message that starts with the field's name.
+    Status codes that every call may answer, besides those its own comment
+    lists:
+
+    - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
+      which), or it is shutting down, or nothing listens. Retry, on another
+      replica if there is one. The call may have taken effect before the answer
+      was lost: every call is safe to repeat, StartRun when it carries a
+      request_id.
+    - INVALID_ARGUMENT: a request field is not valid. The message starts with
+      the field's name and a colon, for example "input: must not be empty". A
+      request whose bytes are no valid message of its type gets it too.
+    - CANCELLED, when the caller did not cancel: gRPC on the server shed the
+      call before any handler saw it (a burst of more than 20,000 calls waiting
+      to be taken up). Retry, as for UNAVAILABLE.
+    - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
+      larger than 4 MiB, the limit in both directions.
+    - INTERNAL: a fault of the server; the message carries an incident id that
+      the server's log explains. No call answers UNKNOWN.
+
+    Ids: run_id, approval_id, conversation_id, request_id and agent are 1 to 128
+    characters of ASCII letters, digits and ". _ : -". The server makes run ids
+    ("run-" and 32 hexadecimal digits) and approval ids ("ap-" and 16); the
+    caller chooses conversation and request ids.
     """
 
     @_typing.overload
@@ -41,85 +60,197 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     StartRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.StartRunRequest, _agent_service_pb2.StartRunResponse]
-    """StartRun starts a run of a configured agent and returns at once with its id.
-    Sending the same request_id again returns the same run id.
+    """StartRun starts a run of a configured agent and returns at once with its
+    id. A request with a request_id already used returns the run the first one
+    started, even after that run has ended; the rest of the request is not
+    compared. The user's input is saved to the conversation before the run
+    starts.
+
+    INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
+    (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
+    NOT_FOUND when no agent of that name is configured (the message lists the
+    configured agents). FAILED_PRECONDITION
+    when the conversation already has an active run (one run per conversation
+    at a time; the message names the active run).
     """
     StreamRun: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.StreamRunRequest, _agent_service_pb2.StreamRunResponse]
     """StreamRun sends the events of a run after a given sequence number, then
     follows the run live until its terminal event, then ends with OK. A
     stream that ends with UNAVAILABLE (Redis went away, the server is
     shutting down) is resumed with after_sequence set to the last event
-    received. NOT_FOUND when there is no such run.
+    received; a resumed stream first sends again the approval requests that
+    still wait for an answer, with their original sequence numbers.
+    Disconnecting never affects the run.
+
+    INVALID_ARGUMENT for a run_id that breaks the id rules or a negative
+    after_sequence. NOT_FOUND when there is no such run.
     """
     Approve: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]
     """Approve answers an approval request of a run. The approver is read from
-    the request metadata "x-agentrun-approver" and recorded with the
-    decision. Sending the same decision again, even after the run has ended,
-    answers with the decision recorded. NOT_FOUND for an unknown run or
-    approval; FAILED_PRECONDITION when the approval was decided otherwise, the
-    arguments_sha256 differs, or the run ended before a decision;
-    UNAVAILABLE when no worker took the decision within 5 seconds: it may
-    still take effect, and sending the same decision again tells.
+    the request metadata "x-agentrun-approver" (at most 128 characters) and
+    recorded with the decision. Sending the same decision again, even after
+    the run has ended, answers with the decision recorded.
+
+    INVALID_ARGUMENT for an unspecified decision, a reason longer than 2000
+    characters, an arguments_sha256 that is not 64 lowercase hexadecimal
+    digits, or an approver longer than 128 characters. UNAUTHENTICATED when the
+    "x-agentrun-approver" metadata is missing or blank. NOT_FOUND for an
+    unknown run or approval. FAILED_PRECONDITION when the approval was already
+    decided otherwise, the arguments_sha256 differs from the request's, or the
+    run ended before a decision. UNAVAILABLE when no worker took the decision
+    within 5 seconds: it may still take effect, and sending the same decision
+    again tells.
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetRunRequest, _agent_service_pb2.GetRunResponse]
-    """GetRun returns the current state of a run."""
+    """GetRun returns the current state of a run, with its pending and decided
+    approvals.
+
+    NOT_FOUND when there is no such run.
+    """
     CancelRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]
-    """CancelRun asks a running run to stop; its stream ends with run_cancelled."""
+    """CancelRun asks a running run to stop; its stream ends with run_cancelled.
+    Cancelling a run that was already cancelled is OK.
+
+    INVALID_ARGUMENT for a reason longer than 2000 characters. NOT_FOUND when
+    there is no such run. FAILED_PRECONDITION when the run has already
+    completed or failed (the message names its state).
+    """
     ListRuns: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListRunsRequest, _agent_service_pb2.ListRunsResponse]
-    """ListRuns pages through recent runs, newest first."""
+    """ListRuns pages through recent runs, newest first.
+
+    INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
+    ListRuns did not return.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
-    """ListAgents returns the agents that StartRun accepts, by name."""
+    """ListAgents returns the agents that StartRun accepts, by name. It needs
+    neither Temporal nor Redis: the server reads its agents file at start.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
 
-    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
-    Redis (the message names which) or is shutting down: retry it, on another
-    replica if there is one. A request field that is not valid is
-    INVALID_ARGUMENT with a message that starts with the field's name.
+    Status codes that every call may answer, besides those its own comment
+    lists:
+
+    - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
+      which), or it is shutting down, or nothing listens. Retry, on another
+      replica if there is one. The call may have taken effect before the answer
+      was lost: every call is safe to repeat, StartRun when it carries a
+      request_id.
+    - INVALID_ARGUMENT: a request field is not valid. The message starts with
+      the field's name and a colon, for example "input: must not be empty". A
+      request whose bytes are no valid message of its type gets it too.
+    - CANCELLED, when the caller did not cancel: gRPC on the server shed the
+      call before any handler saw it (a burst of more than 20,000 calls waiting
+      to be taken up). Retry, as for UNAVAILABLE.
+    - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
+      larger than 4 MiB, the limit in both directions.
+    - INTERNAL: a fault of the server; the message carries an incident id that
+      the server's log explains. No call answers UNKNOWN.
+
+    Ids: run_id, approval_id, conversation_id, request_id and agent are 1 to 128
+    characters of ASCII letters, digits and ". _ : -". The server makes run ids
+    ("run-" and 32 hexadecimal digits) and approval ids ("ap-" and 16); the
+    caller chooses conversation and request ids.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StartRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.StartRunRequest, _agent_service_pb2.StartRunResponse]  # type: ignore[assignment]
-    """StartRun starts a run of a configured agent and returns at once with its id.
-    Sending the same request_id again returns the same run id.
+    """StartRun starts a run of a configured agent and returns at once with its
+    id. A request with a request_id already used returns the run the first one
+    started, even after that run has ended; the rest of the request is not
+    compared. The user's input is saved to the conversation before the run
+    starts.
+
+    INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
+    (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
+    NOT_FOUND when no agent of that name is configured (the message lists the
+    configured agents). FAILED_PRECONDITION
+    when the conversation already has an active run (one run per conversation
+    at a time; the message names the active run).
     """
     StreamRun: _aio.UnaryStreamMultiCallable[_agent_service_pb2.StreamRunRequest, _agent_service_pb2.StreamRunResponse]  # type: ignore[assignment]
     """StreamRun sends the events of a run after a given sequence number, then
     follows the run live until its terminal event, then ends with OK. A
     stream that ends with UNAVAILABLE (Redis went away, the server is
     shutting down) is resumed with after_sequence set to the last event
-    received. NOT_FOUND when there is no such run.
+    received; a resumed stream first sends again the approval requests that
+    still wait for an answer, with their original sequence numbers.
+    Disconnecting never affects the run.
+
+    INVALID_ARGUMENT for a run_id that breaks the id rules or a negative
+    after_sequence. NOT_FOUND when there is no such run.
     """
     Approve: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]  # type: ignore[assignment]
     """Approve answers an approval request of a run. The approver is read from
-    the request metadata "x-agentrun-approver" and recorded with the
-    decision. Sending the same decision again, even after the run has ended,
-    answers with the decision recorded. NOT_FOUND for an unknown run or
-    approval; FAILED_PRECONDITION when the approval was decided otherwise, the
-    arguments_sha256 differs, or the run ended before a decision;
-    UNAVAILABLE when no worker took the decision within 5 seconds: it may
-    still take effect, and sending the same decision again tells.
+    the request metadata "x-agentrun-approver" (at most 128 characters) and
+    recorded with the decision. Sending the same decision again, even after
+    the run has ended, answers with the decision recorded.
+
+    INVALID_ARGUMENT for an unspecified decision, a reason longer than 2000
+    characters, an arguments_sha256 that is not 64 lowercase hexadecimal
+    digits, or an approver longer than 128 characters. UNAUTHENTICATED when the
+    "x-agentrun-approver" metadata is missing or blank. NOT_FOUND for an
+    unknown run or approval. FAILED_PRECONDITION when the approval was already
+    decided otherwise, the arguments_sha256 differs from the request's, or the
+    run ended before a decision. UNAVAILABLE when no worker took the decision
+    within 5 seconds: it may still take effect, and sending the same decision
+    again tells.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetRunRequest, _agent_service_pb2.GetRunResponse]  # type: ignore[assignment]
-    """GetRun returns the current state of a run."""
+    """GetRun returns the current state of a run, with its pending and decided
+    approvals.
+
+    NOT_FOUND when there is no such run.
+    """
     CancelRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]  # type: ignore[assignment]
-    """CancelRun asks a running run to stop; its stream ends with run_cancelled."""
+    """CancelRun asks a running run to stop; its stream ends with run_cancelled.
+    Cancelling a run that was already cancelled is OK.
+
+    INVALID_ARGUMENT for a reason longer than 2000 characters. NOT_FOUND when
+    there is no such run. FAILED_PRECONDITION when the run has already
+    completed or failed (the message names its state).
+    """
     ListRuns: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListRunsRequest, _agent_service_pb2.ListRunsResponse]  # type: ignore[assignment]
-    """ListRuns pages through recent runs, newest first."""
+    """ListRuns pages through recent runs, newest first.
+
+    INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
+    ListRuns did not return.
+    """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
-    """ListAgents returns the agents that StartRun accepts, by name."""
+    """ListAgents returns the agents that StartRun accepts, by name. It needs
+    neither Temporal nor Redis: the server reads its agents file at start.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs LLM agents as durable runs: start one, follow its events
     live, answer its approval requests, and inspect, list or cancel runs.
 
-    Every call may answer UNAVAILABLE when the server cannot reach Temporal or
-    Redis (the message names which) or is shutting down: retry it, on another
-    replica if there is one. A request field that is not valid is
-    INVALID_ARGUMENT with a message that starts with the field's name.
+    Status codes that every call may answer, besides those its own comment
+    lists:
+
+    - UNAVAILABLE: the server cannot reach Temporal or Redis (the message names
+      which), or it is shutting down, or nothing listens. Retry, on another
+      replica if there is one. The call may have taken effect before the answer
+      was lost: every call is safe to repeat, StartRun when it carries a
+      request_id.
+    - INVALID_ARGUMENT: a request field is not valid. The message starts with
+      the field's name and a colon, for example "input: must not be empty". A
+      request whose bytes are no valid message of its type gets it too.
+    - CANCELLED, when the caller did not cancel: gRPC on the server shed the
+      call before any handler saw it (a burst of more than 20,000 calls waiting
+      to be taken up). Retry, as for UNAVAILABLE.
+    - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
+      larger than 4 MiB, the limit in both directions.
+    - INTERNAL: a fault of the server; the message carries an incident id that
+      the server's log explains. No call answers UNKNOWN.
+
+    Ids: run_id, approval_id, conversation_id, request_id and agent are 1 to 128
+    characters of ASCII letters, digits and ". _ : -". The server makes run ids
+    ("run-" and 32 hexadecimal digits) and approval ids ("ap-" and 16); the
+    caller chooses conversation and request ids.
     """
 
     @_abc_1.abstractmethod
@@ -128,8 +259,18 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.StartRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.StartRunResponse, _abc.Awaitable[_agent_service_pb2.StartRunResponse]]:
-        """StartRun starts a run of a configured agent and returns at once with its id.
-        Sending the same request_id again returns the same run id.
+        """StartRun starts a run of a configured agent and returns at once with its
+        id. A request with a request_id already used returns the run the first one
+        started, even after that run has ended; the rest of the request is not
+        compared. The user's input is saved to the conversation before the run
+        starts.
+
+        INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
+        (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
+        NOT_FOUND when no agent of that name is configured (the message lists the
+        configured agents). FAILED_PRECONDITION
+        when the conversation already has an active run (one run per conversation
+        at a time; the message names the active run).
         """
 
     @_abc_1.abstractmethod
@@ -142,7 +283,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         follows the run live until its terminal event, then ends with OK. A
         stream that ends with UNAVAILABLE (Redis went away, the server is
         shutting down) is resumed with after_sequence set to the last event
-        received. NOT_FOUND when there is no such run.
+        received; a resumed stream first sends again the approval requests that
+        still wait for an answer, with their original sequence numbers.
+        Disconnecting never affects the run.
+
+        INVALID_ARGUMENT for a run_id that breaks the id rules or a negative
+        after_sequence. NOT_FOUND when there is no such run.
         """
 
     @_abc_1.abstractmethod
@@ -152,13 +298,19 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ApproveResponse, _abc.Awaitable[_agent_service_pb2.ApproveResponse]]:
         """Approve answers an approval request of a run. The approver is read from
-        the request metadata "x-agentrun-approver" and recorded with the
-        decision. Sending the same decision again, even after the run has ended,
-        answers with the decision recorded. NOT_FOUND for an unknown run or
-        approval; FAILED_PRECONDITION when the approval was decided otherwise, the
-        arguments_sha256 differs, or the run ended before a decision;
-        UNAVAILABLE when no worker took the decision within 5 seconds: it may
-        still take effect, and sending the same decision again tells.
+        the request metadata "x-agentrun-approver" (at most 128 characters) and
+        recorded with the decision. Sending the same decision again, even after
+        the run has ended, answers with the decision recorded.
+
+        INVALID_ARGUMENT for an unspecified decision, a reason longer than 2000
+        characters, an arguments_sha256 that is not 64 lowercase hexadecimal
+        digits, or an approver longer than 128 characters. UNAUTHENTICATED when the
+        "x-agentrun-approver" metadata is missing or blank. NOT_FOUND for an
+        unknown run or approval. FAILED_PRECONDITION when the approval was already
+        decided otherwise, the arguments_sha256 differs from the request's, or the
+        run ended before a decision. UNAVAILABLE when no worker took the decision
+        within 5 seconds: it may still take effect, and sending the same decision
+        again tells.
         """
 
     @_abc_1.abstractmethod
@@ -167,7 +319,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.GetRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.GetRunResponse, _abc.Awaitable[_agent_service_pb2.GetRunResponse]]:
-        """GetRun returns the current state of a run."""
+        """GetRun returns the current state of a run, with its pending and decided
+        approvals.
+
+        NOT_FOUND when there is no such run.
+        """
 
     @_abc_1.abstractmethod
     def CancelRun(
@@ -175,7 +331,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.CancelRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.CancelRunResponse, _abc.Awaitable[_agent_service_pb2.CancelRunResponse]]:
-        """CancelRun asks a running run to stop; its stream ends with run_cancelled."""
+        """CancelRun asks a running run to stop; its stream ends with run_cancelled.
+        Cancelling a run that was already cancelled is OK.
+
+        INVALID_ARGUMENT for a reason longer than 2000 characters. NOT_FOUND when
+        there is no such run. FAILED_PRECONDITION when the run has already
+        completed or failed (the message names its state).
+        """
 
     @_abc_1.abstractmethod
     def ListRuns(
@@ -183,7 +345,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ListRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListRunsResponse, _abc.Awaitable[_agent_service_pb2.ListRunsResponse]]:
-        """ListRuns pages through recent runs, newest first."""
+        """ListRuns pages through recent runs, newest first.
+
+        INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
+        ListRuns did not return.
+        """
 
     @_abc_1.abstractmethod
     def ListAgents(
@@ -191,6 +357,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListAgentsResponse, _abc.Awaitable[_agent_service_pb2.ListAgentsResponse]]:
-        """ListAgents returns the agents that StartRun accepts, by name."""
+        """ListAgents returns the agents that StartRun accepts, by name. It needs
+        neither Temporal nor Redis: the server reads its agents file at start.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

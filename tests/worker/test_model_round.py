@@ -1,0 +1,87 @@
+"""The model round that answers ends the run itself: run_completed right after the last token."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from temporalio.testing import ActivityEnvironment
+
+from agentrun.v1 import agent_service_pb2 as pb
+from shared import events
+from shared.agents import load_agents
+from shared.contract import CallModelInput, RunEnd, RunOutcome, Usage
+from shared.conversations import ConversationStore
+from shared.run_stream import RunStreamWriter
+from tests.agent_service.test_runs import collect
+from tests.conftest import AGENTS_FILE, Stack
+from worker.activities import RunActivities
+from worker.tools import default_registry
+
+
+async def test_the_answering_round_publishes_the_end_with_the_whole_runs_usage(stack: Stack) -> None:
+    calculator = {"tool_calls": [{"name": "calculator", "arguments": {"expression": "2+3"}}]}
+    key = stack.model.script(calculator, {"text": "It is 5."})  # the second round answers
+    run_id = await stack.client.start_run("tools", f"{key} add")
+    streamed = await collect(stack, run_id)
+    handle = stack.temporal.get_workflow_handle(run_id)
+    await handle.result()
+
+    history = await handle.fetch_history()
+    # No local activity after the last model round: the workflow did not publish the end itself.
+    markers = [
+        e.marker_recorded_event_attributes.marker_name
+        for e in history.events
+        if e.HasField("marker_recorded_event_attributes")
+    ]
+    assert "core_local_activity" not in markers and markers  # the run-timeout patch's marker is there
+    done = streamed[-1].run_completed
+    assert done.output == "It is 5."
+    run = await stack.client.get_run(run_id)  # Temporal's record, now that the workflow has completed
+    assert run.state == pb.RUN_STATE_COMPLETED
+    assert run.usage == done.usage and done.usage.completion_tokens > 0
+    assert len(stack.model.server.requests_for(key)) == 2  # both rounds' usage is in the total
+
+
+async def test_a_retried_round_that_had_ended_the_run_does_not_ask_the_model_again(stack: Stack) -> None:
+    """The worker died after the round published run_completed and before Temporal heard of it: the retry returns
+    the answer the client already has, since a second answer from the model could differ from it."""
+    agent = load_agents(AGENTS_FILE)["assistant"]
+    key = stack.model.script({"text": "a different answer"})
+    run_id = f"run-retried-{key}"
+    writer = RunStreamWriter(stack.redis, stack.settings.redis_prefix, ttl_seconds=600)
+    before, total = Usage(10, 2, 0, 0, 12), Usage(25, 7, 0, 0, 32)
+    published = await writer.append(
+        run_id,
+        [
+            events.text_delta("The first answer."),
+            events.run_ended(RunOutcome(RunEnd.COMPLETED, output="The first answer.", usage=total)),
+        ],
+        floor=3,
+    )
+    activities = RunActivities(
+        stack.llm,
+        writer,
+        default_registry(stack.settings.tool_modules),
+        ConversationStore(stack.redis, stack.settings.redis_prefix),
+    )
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[3])
+    round_input = CallModelInput(
+        run_id, agent, [{"role": "user", "content": key}], after_sequence=3, round=1, usage_before=before
+    )
+
+    reply = await env.run(activities.call_model, round_input)
+
+    assert stack.model.server.requests_for(key) == []
+    assert reply.text == "The first answer."
+    assert reply.ended_run == reply.last_sequence == published.last_sequence == 5
+    assert reply.usage == total - before
+    assert reply.message == {"role": "assistant", "content": "The first answer."}
+
+
+async def test_an_answer_that_fails_the_run_leaves_the_end_to_the_workflow(stack: Stack) -> None:
+    run_id = await stack.client.start_run("json", stack.model.script({"text": "not json"}))
+    streamed = await collect(stack, run_id)
+
+    assert streamed[-1].WhichOneof("kind") == "run_failed"
+    assert [e.sequence for e in streamed] == list(range(1, len(streamed) + 1))
