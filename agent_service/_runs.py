@@ -16,12 +16,14 @@ from shared.contract import (
     MEMO_APPROVALS,
     MEMO_CONVERSATION,
     MEMO_LAST_SEQUENCE,
+    MEMO_USAGE,
     WORKFLOW_NAME,
     Approval,
     Decision,
     RunEnd,
     RunOutcome,
     RunResult,
+    Usage,
 )
 
 _STATES = {
@@ -83,7 +85,8 @@ async def ended(client: Client, execution: WorkflowExecution) -> Ended:
     if execution.status == WorkflowExecutionStatus.TERMINATED:
         return Ended(RunOutcome(RunEnd.FAILED, error="the run was terminated"))
     if execution.status == WorkflowExecutionStatus.CANCELED:
-        return Ended(RunOutcome(RunEnd.CANCELLED))
+        usage = await execution.memo_value(MEMO_USAGE, Usage(), type_hint=Usage)
+        return Ended(RunOutcome(RunEnd.CANCELLED, usage=usage))
     try:
         result = await from_temporal(handle(client, execution.id).result(follow_runs=False))
     except WorkflowFailureError as err:
@@ -149,6 +152,8 @@ async def to_run(
     if finished.announced_at is not None and execution.close_time is None:
         run.end_time.CopyFrom(events.timestamp(finished.announced_at))
     run.error = finished.outcome.error
+    if finished.outcome.end == RunEnd.CANCELLED and finished.outcome.usage != Usage():
+        run.usage.CopyFrom(events.usage(finished.outcome.usage))
     if finished.outcome.end == RunEnd.COMPLETED:
         completed = events.run_ended(finished.outcome).run_completed
         run.output = completed.output

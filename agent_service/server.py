@@ -82,11 +82,13 @@ EVENTS_METRIC_BATCH = 64
 # Grace for unary calls in flight when the server stops; streams end at once with UNAVAILABLE.
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Set on purpose rather than left to gRPC's defaults: ping idle clients so that a dead one frees its streams,
-# accept clients' keepalive pings every 10 s, and cap messages at 4 MiB (the largest input is 256 KiB).
+# accept clients' keepalive pings every 10 s, cap messages at 4 MiB (the largest input is 256 KiB), and never share
+# a port with another server (gRPC sets SO_REUSEPORT by default, and two servers would then take turns answering).
 # Calls that arrived but that the server has not yet taken up are "pending"; the asyncio server takes them up one
 # at a time, so a burst (every client of a dead replica failing over here) queues thousands. Past gRPC's default of
 # 1,000 it starts cancelling them (clients see CANCELLED); a queued call costs a few KB, so let the burst wait.
 SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ("grpc.keepalive_time_ms", 60_000),
@@ -127,7 +129,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         _check_id("request_id", request.request_id, required=False)
         agent = self._agents.get(request.agent)
         if agent is None:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, f"agent {request.agent!r} is not configured")
+            raise ApiError(
+                grpc.StatusCode.NOT_FOUND,
+                f"agent {request.agent!r} is not configured; the agents are: {', '.join(sorted(self._agents))}",
+            )
         # A request_id maps to one workflow id, and Temporal admits one workflow per
         # id: duplicates, concurrent or late, all land on the first run.
         if request.request_id:
@@ -292,6 +297,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     for response in await self._rest_of_ended_run(execution, after):
                         yield response
                     return
+            if after > 0:
+                ended = await self._announced_end(run_id)
+                if ended is not None and ended.sequence <= after:
+                    return  # the caller has seen the whole run: no need to wait for Temporal to say it ended
             async for event in watch.follow(after):
                 for response in _responses(event, after):
                     yield response
@@ -389,6 +398,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
         runs = [await _runs.to_run(execution) for execution in page.current_page or []]
         next_token = _page_token(page.next_page_token) if page.next_page_token else ""
         return pb.ListRunsResponse(runs=runs, next_page_token=next_token)
+
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: Context) -> pb.ListAgentsResponse:
+        return pb.ListAgentsResponse(
+            agents=[
+                pb.Agent(
+                    name=agent.name,
+                    description=agent.description,
+                    model=agent.model,
+                    tools=agent.tools,
+                    approval_policy=agent.approval.policy,
+                )
+                for _, agent in sorted(self._agents.items())
+            ]
+        )
 
     async def Approve(self, request: pb.ApproveRequest, context: Context) -> pb.ApproveResponse:
         _check_id("run_id", request.run_id, required=True)
@@ -603,9 +626,12 @@ async def serve(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _reflection.enable(server, [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # gRPC's error when the port is taken
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {host}:{port}: the address is in use or not available")
     await service.relay.start()
     await server.start()
     for name in ("", SERVICE_NAME):

@@ -21,9 +21,11 @@ DEMO_PROMPT = "In two sentences: why run an LLM agent as a durable workflow?"
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev = commands.add_parser("dev", help="start Temporal, Redis, the worker and the server, and stream a demo run")
-    dev.add_argument("--port", type=int, default=50051, help="gRPC port of the server")
-    dev.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the Temporal dev server")
-    dev.add_argument("--ui-port", type=int, default=8233, help="port of Temporal's web UI")
+    dev.add_argument("--port", type=int, default=50051, help="gRPC port of the server (default: 50051)")
+    dev.add_argument(
+        "--temporal-port", type=int, default=7233, help="gRPC port of the Temporal dev server (default: 7233)"
+    )
+    dev.add_argument("--ui-port", type=int, default=8233, help="port of Temporal's web UI (default: 8233)")
     dev.add_argument("--prompt", default=DEMO_PROMPT, help="the demo run's prompt")
     dev.add_argument("--once", action="store_true", help="stop after the demo run instead of serving")
     dev.add_argument(
@@ -33,31 +35,39 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     dev.set_defaults(main=_dev)
     server = commands.add_parser("server", help="run the gRPC server (TEMPORAL_ADDRESS, REDIS_URL, ...)")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    server.add_argument("--port", type=int, default=50051, help="port to listen on")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)"
+    )
+    server.add_argument("--port", type=int, default=50051, help="port to listen on (default: 50051)")
     server.set_defaults(main=_server)
     worker = commands.add_parser("worker", help="run the worker service (TEMPORAL_ADDRESS, REDIS_URL, OPENAI_* ...)")
     worker.set_defaults(main=_worker)
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from devstack.stack import run_dev
+    from devstack.stack import PortInUse, run_dev
 
     logging.basicConfig(level=logging.WARNING, format=SERVICE_LOG_FORMAT)
-    with _printed_traces() if args.trace else contextlib.nullcontext():
-        from shared import telemetry
+    try:
+        with _printed_traces() if args.trace else contextlib.nullcontext():
+            from shared import telemetry
 
-        # One process runs the server and the worker here: its spans and metrics are agentrun-dev's.
-        telemetry.setup("agentrun-dev")
-        asyncio.run(
-            run_dev(
-                port=args.port,
-                temporal_port=args.temporal_port,
-                ui_port=args.ui_port,
-                demo_prompt=args.prompt,
-                once=args.once,
+            # One process runs the server and the worker here: its spans and metrics are agentrun-dev's.
+            telemetry.setup("agentrun-dev")
+            asyncio.run(
+                run_dev(
+                    port=args.port,
+                    temporal_port=args.temporal_port,
+                    ui_port=args.ui_port,
+                    demo_prompt=args.prompt,
+                    once=args.once,
+                )
             )
-        )
+    except PortInUse as err:
+        print(f"agentrun dev: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the stack took over the signal
+        return 130
     return 0
 
 
@@ -68,7 +78,10 @@ def _printed_traces() -> Iterator[None]:
 
     port = free_port()
     # Only agentrun's traces: the Temporal dev server reads the same variables and exports its own.
-    receiver = subprocess.Popen([sys.executable, "-m", "devstack.collector", "--port", str(port), "--only", "agentrun"])
+    # In a session of its own, like Temporal: Ctrl-C reaches only agentrun dev, which stops it last.
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "devstack.collector", "--port", str(port), "--only", "agentrun"], start_new_session=True
+    )
     os.environ.update(
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
@@ -89,7 +102,13 @@ def _server(args: argparse.Namespace) -> int:
     from shared.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format=SERVICE_LOG_FORMAT)
-    asyncio.run(run_server(Settings.from_env(), port=args.port, host=args.host))
+    try:
+        asyncio.run(run_server(Settings.from_env(), port=args.port, host=args.host))
+    except OSError as err:
+        print(f"agentrun server: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -98,5 +117,11 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format=SERVICE_LOG_FORMAT)
-    asyncio.run(run_worker(Settings.from_env()))
+    try:
+        asyncio.run(run_worker(Settings.from_env()))
+    except ConnectionError as err:
+        print(f"agentrun worker: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return 0

@@ -22,6 +22,8 @@ MEMO_AGENT = "agent"
 MEMO_CONVERSATION = "conversation_id"
 MEMO_LAST_SEQUENCE = "last_sequence"
 MEMO_APPROVALS = "approvals"
+# The tokens the run used, recorded when it ends (a cancelled run has no result to carry them).
+MEMO_USAGE = "usage"
 
 # The approver recorded when an approval's deadline decides it.
 TIMEOUT_APPROVER = "agentrun:timeout"

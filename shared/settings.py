@@ -64,7 +64,8 @@ class Settings:
 
 async def connect_temporal(settings: Settings) -> Client:
     """A Temporal client; when the process traces, Temporal's OpenTelemetry interceptor carries the trace into
-    workflow and activity headers (a worker built on this client traces its workflows and activities too)."""
+    workflow and activity headers (a worker built on this client traces its workflows and activities too).
+    ConnectionError naming the address when Temporal cannot be reached."""
     from shared import telemetry
 
     interceptors = []
@@ -72,9 +73,14 @@ async def connect_temporal(settings: Settings) -> Client:
         from temporalio.contrib.opentelemetry import TracingInterceptor
 
         interceptors.append(TracingInterceptor())
-    return await Client.connect(
-        settings.temporal_address, namespace=settings.temporal_namespace, interceptors=interceptors
-    )
+    try:
+        return await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace, interceptors=interceptors
+        )
+    except RuntimeError as err:  # the SDK's error for a server that does not answer
+        raise ConnectionError(
+            f"cannot connect to Temporal at {settings.temporal_address} (TEMPORAL_ADDRESS): {err}"
+        ) from None
 
 
 # Connections a process opens to Redis at most; more callers wait for a free one instead of failing.

@@ -123,3 +123,44 @@ async def test_agentrun_dev_streams_a_demo_run_with_everything_embedded() -> Non
     assert "embedded Valkey" in text
     assert "You said: say hello" in text
     assert "completed:" in text
+
+
+async def test_a_second_server_on_the_same_port_refuses_to_start(services: Services) -> None:
+    address = services.client.targets[0]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentrun.cli",
+        "server",
+        "--port",
+        address.rsplit(":", 1)[1],
+        env=services.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == 1
+    assert err.decode().endswith(
+        f"agentrun server: cannot listen on {address}: the address is in use or not available\n"
+    )
+    await services.client.run("assistant", "still the first")  # which goes on serving alone
+
+
+async def test_a_server_without_temporal_says_where_it_looked(settings: Settings) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentrun.cli",
+        "server",
+        "--port",
+        str(free_port()),
+        env=service_env(settings, TEMPORAL_ADDRESS=nowhere),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == 1
+    assert err.decode().startswith(f"agentrun server: cannot connect to Temporal at {nowhere} (TEMPORAL_ADDRESS): ")

@@ -38,6 +38,8 @@ SANDBOXED_RUNNER = SandboxedWorkflowRunner(
 OFFLINE_TOKEN_DELAY_SECONDS = 0.03
 MODEL_CONNECT_TIMEOUT_SECONDS = 5.0
 MODEL_READ_TIMEOUT_SECONDS = 600.0
+# How long a stopping worker lets the model and tool calls in flight finish before it cancels them.
+SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 def build_worker(
@@ -49,6 +51,7 @@ def build_worker(
     agents: dict[str, AgentConfig],
     tools: ToolRegistry | None = None,
     sandboxed: bool = False,
+    shutdown_grace_seconds: float = SHUTDOWN_GRACE_SECONDS,
 ) -> Worker:
     """The worker for ``settings.task_queue``.
 
@@ -87,7 +90,7 @@ def build_worker(
         # enough that CancelRun takes effect within about a second.
         max_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_INTERVAL_SECONDS),
         default_heartbeat_throttle_interval=timedelta(seconds=HEARTBEAT_INTERVAL_SECONDS),
-        graceful_shutdown_timeout=timedelta(seconds=10),
+        graceful_shutdown_timeout=timedelta(seconds=shutdown_grace_seconds),
         # Set on purpose (the SDK's default is 100 activities): see Settings.worker_activities.
         max_concurrent_activities=settings.worker_activities,
         max_concurrent_local_activities=settings.worker_activities,
@@ -134,8 +137,11 @@ def _openai_client(settings: Settings, base_url: str | None, api_key: str) -> op
     )
 
 
-async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Runs the worker until ``stop`` is set or the process gets SIGINT/SIGTERM, then drains."""
+async def run_worker(
+    settings: Settings, *, stop: asyncio.Event | None = None, shutdown_grace_seconds: float = SHUTDOWN_GRACE_SECONDS
+) -> None:
+    """Runs the worker until ``stop`` is set or the process gets SIGINT/SIGTERM, then drains: the calls in flight
+    get ``shutdown_grace_seconds`` to finish before they are cancelled."""
     agents = load_agents(settings.agents_file)
     stop = stop or stop_on_signals()
     telemetry.setup("agentrun-worker")
@@ -144,7 +150,14 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     await redis_client.ping()
     try:
         async with model_client(settings) as model:
-            worker = build_worker(client, settings, redis_client=redis_client, model=model, agents=agents)
+            worker = build_worker(
+                client,
+                settings,
+                redis_client=redis_client,
+                model=model,
+                agents=agents,
+                shutdown_grace_seconds=shutdown_grace_seconds,
+            )
             async with worker:
                 log.info("worker polling task queue %r on %s", settings.task_queue, settings.temporal_address)
                 await stop.wait()

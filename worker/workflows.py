@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
         DECIDE_APPROVAL_UPDATE,
         MEMO_APPROVALS,
         MEMO_LAST_SEQUENCE,
+        MEMO_USAGE,
         TIMEOUT_APPROVER,
         WORKFLOW_NAME,
         Approval,
@@ -120,7 +121,8 @@ class AgentRunWorkflow:
                 if reason is None:
                     # The run's own timeout cancelled its work; run() reports that.
                     raise asyncio.CancelledError() from err
-                await self._finish(input, RunOutcome(RunEnd.CANCELLED, reason=reason))
+                # The usage of the rounds that finished: GetRun shows it for the cancelled run.
+                await self._finish(input, RunOutcome(RunEnd.CANCELLED, reason=reason, usage=usage))
                 raise
             assert isinstance(err, ActivityError)
             # The failed call may have published events the workflow has not heard of: number past them.
@@ -306,7 +308,7 @@ class AgentRunWorkflow:
             )
         except ActivityError:
             workflow.logger.warning("could not publish %s for run %s", outcome.end, input.run_id)
-        workflow.upsert_memo({MEMO_LAST_SEQUENCE: sequence})
+        workflow.upsert_memo({MEMO_LAST_SEQUENCE: sequence, MEMO_USAGE: asdict(outcome.usage)})
         return sequence
 
 

@@ -19,7 +19,7 @@ from tests.agent_service.test_runs import collect
 from tests.conftest import Stack, details
 
 SERVICE = "/agentrun.v1.AgentService/"
-UNARY = ["StartRun", "GetRun", "ListRuns", "CancelRun", "Approve"]
+UNARY = ["StartRun", "GetRun", "ListRuns", "CancelRun", "Approve", "ListAgents"]
 # A malformed request is answered at once: no dependency is asked, nothing is retried.
 PROMPT_SECONDS = 2.0
 # What a hostile request may get; never UNKNOWN or INTERNAL.
@@ -137,6 +137,7 @@ REQUEST_TYPES = {
     "CancelRun": pb.CancelRunRequest,
     "Approve": pb.ApproveRequest,
     "StreamRun": pb.StreamRunRequest,
+    "ListAgents": pb.ListAgentsRequest,
 }
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

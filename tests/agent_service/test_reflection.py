@@ -45,6 +45,7 @@ async def test_reflection_lists_and_describes_the_services(stack: Stack, service
         "GetRun",
         "CancelRun",
         "ListRuns",
+        "ListAgents",
     ]
 
 

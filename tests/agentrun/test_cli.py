@@ -11,9 +11,11 @@ from asyncio.subprocess import PIPE
 
 import pytest
 
+from agentrun.cli import command
 from agentrun.v1 import agent_service_pb2 as pb
 from devstack.stack import free_port
-from tests.conftest import Stack
+from shared.agents import load_agents
+from tests.conftest import AGENTS_FILE, Stack
 
 ECHO_HI = {"tool_calls": [{"name": "echo", "arguments": {"text": "hi"}}]}
 CLI_TIMEOUT = 60
@@ -93,8 +95,9 @@ async def test_run_denies_with_the_answer_as_reason(stack: Stack, answer: str, r
 
     assert code == 0, err
     because = f": {reason}" if reason else ""
-    assert f"⊘ denied by bob{because}\n⊘ denied: the call was denied by bob{because}\nI may not echo.\n" in out
-    assert "← " not in out
+    # The denial once: the call's end, which says the same, is not shown again.
+    assert f"⊘ denied by bob{because}\nI may not echo.\n" in out
+    assert "← " not in out and "the call was denied" not in out
     run = await stack.client.get_run(run_id_of(err))
     assert run.state == pb.RUN_STATE_COMPLETED
     assert [(d.approver, d.decision, d.reason) for d in run.decided_approvals] == [
@@ -117,9 +120,9 @@ async def test_without_a_prompt_the_stream_shows_the_approve_command_and_waits(s
     assert decided.timed_out
     assert "[y/N/reason]" not in out
     assert '⏸ calculator({"expression": "2+3"}) waits for approval until' in out
-    assert f"  approve: agentrun approve {run_id} {decided.approval_id} --server {stack.address}\n" in out
+    assert f"  approve: {command()} approve {run_id} {decided.approval_id} --server {stack.address}\n" in out
     assert f"⊘ timed out, denied: {decided.reason}\n" in out
-    assert "⊘ denied: the call was denied by agentrun:timeout" in out
+    assert "the call was denied" not in out
     assert f"No.\n[run {run_id} completed: " in out
 
 
@@ -186,7 +189,7 @@ async def test_get_summarizes_a_waiting_and_then_a_completed_run(stack: Stack) -
     assert f"run:      {run_id}\nagent:    patient\nstate:    waiting_for_approval\n" in out
     assert f"pending approvals:\n  {approval.approval_id}\n" in out
     assert '    ⏸ echo({"text": "hi"}) waits for approval until' in out
-    assert f"    approve: agentrun approve {run_id} {approval.approval_id} --server {stack.address}\n" in out
+    assert f"    approve: {command()} approve {run_id} {approval.approval_id} --server {stack.address}\n" in out
     assert "decided approvals" not in out and "output:" not in out
 
     await stack.client.approve(
@@ -259,3 +262,167 @@ async def test_server_takes_several_replicas_and_skips_a_dead_one(stack: Stack) 
 
     assert process.returncode == 0, err.decode()
     assert "through the second" in out.decode()
+
+
+async def test_stream_shows_sequence_numbers_and_says_when_nothing_is_after_n(stack: Stack) -> None:
+    key = stack.model.script({"chunks": ["one ", "two"]})
+    run_id = await stack.client.start_run("assistant", key)
+    run = await finish(stack, run_id)
+    assert run.state == pb.RUN_STATE_COMPLETED
+
+    code, out, err = await agentrun(stack, "stream", run_id, "--show-sequence")
+
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    numbers = [int(line.split(" ", 1)[0].removeprefix("#")) for line in lines]
+    assert numbers == list(range(1, len(lines) + 1))
+    assert '"one "' in out and '"two"' in out
+    last = numbers[-1]
+    assert lines[-1].startswith(f"#{last} [run {run_id} completed: ")
+
+    # From the number before the end: only the end.
+    code, out, err = await agentrun(stack, "stream", run_id, "--after", str(last - 1))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"[run {run_id} completed: ")
+
+    # At or past the end: nothing to show, and it says so.
+    for after in (last, last + 10):
+        code, out, err = await agentrun(stack, "stream", run_id, "--after", str(after))
+        assert (code, out) == (0, "")
+        assert err == f"[run {run_id} completed: no events after sequence {after}]\n"
+
+
+async def test_agents_lists_the_configured_agents_and_an_unknown_agent_is_told_them(stack: Stack) -> None:
+    code, out, err = await agentrun(stack, "agents")
+
+    assert (code, err) == (0, "")
+    configured = sorted(load_agents(AGENTS_FILE))
+    names = [line.split("  ")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert names == configured
+    assert "careful  Every tool call needs approval; a missed deadline denies.\n" in out
+    assert "  model: offline; tools: calculator, echo; approval: require_all\n" in out
+
+    code, out, err = await agentrun(stack, "run", "nosuch", "hello")
+
+    assert (code, out) == (2, "")
+    assert err == f"error: NOT_FOUND: agent 'nosuch' is not configured; the agents are: {', '.join(configured)}\n"
+
+
+async def test_a_server_that_does_not_answer_gets_a_hint(stack: Stack) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "list", "--server", nowhere, "--retry-seconds", "0.5", stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+    text = err.decode()
+
+    assert (process.returncode, out) == (2, b"")
+    hint = f"  no agentrun server answers at {nowhere}: start one with `make dev` (or `{command()} dev`, or "
+    # While it retries, and not again with the error it gives up with.
+    assert text.startswith("! UNAVAILABLE: failed to connect to all addresses")
+    assert text.count(hint) == 1
+    assert "or give its address with --server or AGENTRUN_SERVER\n  retrying for up to 0.5 s (Ctrl-C stops)\n" in text
+    assert "\nerror: UNAVAILABLE: failed to connect to all addresses" in text
+
+    # Without retries, the error itself carries the hint.
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "get", "run-x", "--server", nowhere, "--retry-seconds", "0", stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+    text = err.decode()
+    assert (process.returncode, out) == (2, b"")
+    assert text.startswith("error: UNAVAILABLE: failed to connect to all addresses")
+    assert hint in text and "retrying" not in text
+
+
+async def test_get_shows_a_cancelled_runs_reason_usage_and_partial_answer_and_cancel_again_says_so(
+    stack: Stack,
+) -> None:
+    words = [f"word{i} " for i in range(200)]
+    key = stack.model.script(ECHO_HI, {"chunks": words, "delay_ms": 20})
+    run_id = await stack.client.start_run("tools", f"{key} echo")
+    async for event in stack.client.stream_run(run_id):
+        if event.HasField("text_delta") and "word3 " in event.text_delta.text:
+            break
+
+    code, out, err = await agentrun(stack, "cancel", run_id, "--reason", "no longer needed")
+    assert (code, err) == (0, "")
+    assert out.startswith(f"cancellation of {run_id} requested")
+    run = await finish(stack, run_id)
+    assert run.state == pb.RUN_STATE_CANCELLED
+
+    code, out, err = await agentrun(stack, "get", run_id)
+
+    assert (code, err) == (0, "")
+    assert "state:    cancelled\n" in out
+    assert "reason:   no longer needed\n" in out
+    # The first round, with its tool call, finished: its tokens are counted.
+    assert run.usage.prompt_tokens > 0
+    assert f"usage:    {run.usage.prompt_tokens} prompt + {run.usage.completion_tokens} completion tokens" in out
+    partial = out.split("partial output (until cancelled):\n", 1)[1]
+    assert partial.startswith("word0 word1 word2 word3 ")
+    assert partial.rstrip("\n") != "".join(words).rstrip()
+
+    code, out, err = await agentrun(stack, "cancel", run_id)
+    assert (code, out, err) == (0, f"{run_id} was already cancelled\n", "")
+
+
+async def test_list_aligns_its_columns_and_takes_only_a_positive_limit(stack: Stack) -> None:
+    key = stack.model.script(ECHO_HI, {"text": "done"})
+    waiting = await stack.client.start_run("patient", f"{key} echo hi")
+    await first_approval(stack, waiting)
+    done = await stack.client.start_run("assistant", "hello")
+    await finish(stack, done)
+
+    code, out, err = await agentrun(stack, "list")
+
+    assert (code, err) == (0, "")
+    header, *rows = out.splitlines()
+    assert header.split() == ["RUN", "AGENT", "STATE", "CREATED"]
+    assert sorted(row.split()[:3] for row in rows) == sorted(
+        [[done, "assistant", "completed"], [waiting, "patient", "waiting_for_approval"]]
+    )
+    for column in ("AGENT", "STATE", "CREATED"):
+        start = header.index(column)
+        assert all(row[start - 2 : start] == "  " and row[start] != " " for row in rows), out
+
+    code, out, err = await agentrun(stack, "list", "--limit", "1")
+    assert (code, len(out.splitlines())) == (0, 2)
+
+    code, out, err = await agentrun(stack, "list", "--limit", "0")
+    assert (code, out) == (2, "")
+    assert "argument --limit: must be at least 1, not 0" in err
+
+
+async def test_every_option_has_help() -> None:
+    for command_name in ("run", "stream", "approve", "get", "list", "cancel", "agents", "dev", "server", "worker"):
+        process = await asyncio.create_subprocess_exec(*CLI, command_name, "--help", stdout=PIPE, stderr=PIPE)
+        out, _ = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+        assert process.returncode == 0
+        lines = out.decode().splitlines()
+        # An option without help stands alone on its line, with no help text on the next one either.
+        bare = [
+            line.strip()
+            for line, following in zip(lines, [*lines[1:], ""], strict=True)
+            if re.fullmatch(r"  (-[a-z], )?--[a-z-]+( [A-Z_]+)?", line) and not re.match(r" {10,}\S", following)
+        ]
+        assert bare == [], f"{command_name}: {bare} have no help"
+
+
+async def test_streaming_a_run_again_asks_about_no_approval_that_was_decided(stack: Stack) -> None:
+    key = stack.model.script(ECHO_HI, {"text": "Echoed."})
+    code, out, err = await agentrun(stack, "run", "patient", f"{key} echo hi", "--prompt", stdin="y\n")
+    assert code == 0, err
+    run_id = run_id_of(err)
+
+    # stdin stays open: a prompt would wait for an answer.
+    process = await start_cli(stack, "stream", run_id, "--prompt", "--show-sequence")
+    assert process.stdout is not None
+    replayed = await asyncio.wait_for(process.stdout.read(), CLI_TIMEOUT)
+    assert await asyncio.wait_for(process.wait(), CLI_TIMEOUT) == 0
+    assert process.stdin is not None
+    process.stdin.close()
+
+    text = replayed.decode()
+    assert "[y/N/reason]" not in text
+    assert "#2 approval requested\n#3 ✓ approved by alice\n#4 ← hi\n" in text

@@ -12,10 +12,14 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -28,8 +32,22 @@ from agentrun.v1 import agent_service_pb2 as pb
 DEFAULT_SERVER = os.environ.get("AGENTRUN_SERVER", "127.0.0.1:50051")
 # Each entry point names a function that adds commands to the parser's subcommands.
 COMMANDS_ENTRY_POINT = "agentrun.commands"
+# How long a command keeps trying while no server answers: enough to move past a dead replica or to ride out a
+# restart, short enough that a mistake shows soon (the client library's default is 60 s).
+CLI_RETRY_SECONDS = 10.0
 # Tool results and errors are shown on one line each, cut to this many characters.
 BRIEF_CHARS = 200
+
+
+def command() -> str:
+    """This command line as the user can type it: ``agentrun`` when that is on PATH, else the path of the script
+    installed beside this interpreter (``.venv/bin/agentrun`` after ``make dev``)."""
+    script = Path(sys.executable).parent / "agentrun"
+    on_path = shutil.which("agentrun")
+    if not script.exists() or (on_path and os.path.samefile(on_path, script)):
+        return "agentrun"
+    relative = os.path.relpath(script)
+    return str(script) if relative.startswith("..") else relative
 
 
 def default_approver() -> str:
@@ -124,6 +142,11 @@ class _Prompter:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def _ask(self, request: pb.ApprovalRequested) -> None:
+        # A stream that replays a run's past shows requests that were decided long ago: ask only about pending ones.
+        pending = (await self._client.get_run(self._run_id)).pending_approvals
+        if request.approval_id not in {p.approval_id for p in pending}:
+            self._unanswered.discard(request.approval_id)
+            return
         async with self._turn:
             answer = await self._read(f"approve {_call(request.tool_name, request.arguments)}? [y/N/reason] ")
             self._unanswered.discard(request.approval_id)
@@ -171,57 +194,81 @@ async def print_stream(
     prompt: bool | None = None,
     approver: str | None = None,
     server: str | None = None,
+    show_sequence: bool = False,
+    out: _Output | None = None,
 ) -> int:
     """Prints a run's text, tool calls and approvals as they stream; returns the exit code for how the run ended.
 
     With ``prompt`` (by default, when stdin is a terminal) it asks about each pending approval and answers it as
     ``approver``; otherwise it prints the command that answers it. ``server`` goes into the printed commands.
+    With ``show_sequence``, every event goes on a line of its own after its sequence number, the number that
+    ``stream --after`` resumes from.
     """
-    out = _Output()
+    out = out or _Output()
     if prompt is None:
         prompt = sys.stdin.isatty()
     prompter = _Prompter(client, run_id, approver or default_approver(), out, server) if prompt else None
     # A resumed stream repeats the pending approval requests.
     requested: set[str] = set()
+    # A denial is shown once, as the decision; the denied call's end says the same again.
+    denied: set[str] = set()
+    received = False
     try:
         async for event in client.stream_run(run_id, after_sequence=after_sequence):
+            received = True
             kind = event.WhichOneof("kind")
+            number = f"#{event.sequence} " if show_sequence else ""
             if kind == "text_delta":
-                out.text(event.text_delta.text)
+                if show_sequence:
+                    out.line(f"{number}{json.dumps(event.text_delta.text, ensure_ascii=False)}")
+                else:
+                    out.text(event.text_delta.text)
             elif kind == "tool_call_started":
                 started = event.tool_call_started
-                out.line(f"→ {_call(started.tool_name, _brief(started.arguments))}")
+                out.line(f"{number}→ {_call(started.tool_name, _brief(started.arguments))}")
             elif kind == "tool_call_finished":
-                out.line(_finished(event.tool_call_finished))
+                finished = event.tool_call_finished
+                if finished.status != pb.TOOL_CALL_STATUS_DENIED or finished.call_id not in denied:
+                    out.line(number + _finished(finished))
             elif kind == "approval_requested":
                 request = event.approval_requested
                 if request.approval_id in requested:
                     continue
                 requested.add(request.approval_id)
                 if prompter is not None:
+                    if number:
+                        out.line(number + "approval requested")
                     prompter.ask(request)
                 else:
-                    out.line(_pending(run_id, request, server))
+                    out.line(number + _pending(run_id, request, server))
             elif kind == "approval_decided":
+                decided = event.approval_decided
                 if prompter is not None:
-                    prompter.decided(event.approval_decided.approval_id)
-                out.line(_decided(event.approval_decided))
+                    prompter.decided(decided.approval_id)
+                if decided.decision == pb.APPROVAL_DECISION_DENY:
+                    denied.add(decided.call_id)
+                out.line(number + _decided(decided))
             elif kind == "events_lost":
                 first = event.events_lost.first_sequence
                 out.line(f"! events {first} to {event.sequence} are no longer available", file=sys.stderr)
             elif kind == "run_completed":
-                out.line(f"[run {run_id} completed: {_usage(event.run_completed.usage)}]")
+                out.line(f"{number}[run {run_id} completed: {_usage(event.run_completed.usage)}]")
                 return 0
             elif kind == "run_failed":
-                out.line(f"[run {run_id} failed: {event.run_failed.error}]", file=sys.stderr)
+                out.line(f"{number}[run {run_id} failed: {event.run_failed.error}]", file=sys.stderr)
                 return 1
             elif kind == "run_cancelled":
                 reason = event.run_cancelled.reason
-                out.line(f"[run {run_id} cancelled{': ' + reason if reason else ''}]", file=sys.stderr)
+                out.line(f"{number}[run {run_id} cancelled{': ' + reason if reason else ''}]", file=sys.stderr)
                 return 1
     finally:
         if prompter is not None:
             await prompter.close()
+    if not received:
+        # The run has ended and the caller has seen all of it.
+        state = (await client.get_run(run_id)).state
+        out.line(f"[run {run_id} {_state(state)}: no events after sequence {after_sequence}]", file=sys.stderr)
+        return 0 if state == pb.RUN_STATE_COMPLETED else 1
     return 1
 
 
@@ -262,7 +309,7 @@ def _decision(decision: pb.ApprovalDecision.ValueType, approver: str, reason: st
 
 def _approve_command(run_id: str, approval_id: str, server: str | None) -> str:
     address = f" --server {server}" if server and server != DEFAULT_SERVER else ""
-    return f"agentrun approve {run_id} {approval_id}{address}"
+    return f"{command()} approve {run_id} {approval_id}{address}"
 
 
 def _pending(run_id: str, request: pb.ApprovalRequested, server: str | None) -> str:
@@ -276,7 +323,32 @@ def _pending(run_id: str, request: pb.ApprovalRequested, server: str | None) -> 
     )
 
 
-def _summary(run: pb.Run, server: str | None) -> str:
+@dataclass
+class _Cancelled:
+    """What the stream of a cancelled run tells that the run's record does not."""
+
+    reason: str = ""
+    partial_output: str = ""
+
+
+async def _cancelled(client: AgentRunClient, run_id: str) -> _Cancelled:
+    """The reason from the run's run_cancelled event, and the text of the answer it had begun (the text after its
+    last tool call)."""
+    cancelled = _Cancelled()
+    text: list[str] = []
+    async for event in client.stream_run(run_id):
+        kind = event.WhichOneof("kind")
+        if kind == "text_delta" and len(event.agent_path) <= 1:
+            text.append(event.text_delta.text)
+        elif kind == "tool_call_finished":
+            text.clear()
+        elif kind == "run_cancelled":
+            cancelled.reason = event.run_cancelled.reason
+    cancelled.partial_output = "".join(text)
+    return cancelled
+
+
+def _summary(run: pb.Run, server: str | None, cancelled: _Cancelled | None = None) -> str:
     lines = [
         f"run:      {run.run_id}",
         f"agent:    {run.agent}",
@@ -289,6 +361,8 @@ def _summary(run: pb.Run, server: str | None) -> str:
         lines.append(f"conversation: {run.conversation_id}")
     if run.error:
         lines.append(f"error:    {run.error}")
+    if cancelled is not None:
+        lines.append(f"reason:   {cancelled.reason or '(none given)'}")
     if run.HasField("usage"):
         lines.append(f"usage:    {_usage(run.usage)} ({run.usage.total_tokens} total)")
     if run.pending_approvals:
@@ -302,6 +376,8 @@ def _summary(run: pb.Run, server: str | None) -> str:
             lines.append(f"  {decided.approval_id}  {decided.tool_name}  {_decided(decided)}")
     if run.output:
         lines += ["output:", run.output]
+    if cancelled is not None and cancelled.partial_output:
+        lines += ["partial output (until cancelled):", cancelled.partial_output]
     if run.HasField("structured_output"):
         structured = _whole_numbers(json_format.MessageToDict(run.structured_output))
         # A Struct keeps no key order, so sorting makes the output stable.
@@ -324,19 +400,42 @@ def _state(state: pb.RunState.ValueType) -> str:
     return pb.RunState.Name(state).removeprefix("RUN_STATE_").lower()
 
 
-def _describe(run: pb.Run) -> str:
-    line = f"{run.run_id}  {run.agent:<12} {_state(run.state):<10} {run.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}"
-    return line
+def _table(runs: Sequence[pb.Run]) -> str:
+    """One line per run, in columns as wide as their widest entry."""
+    rows = [("RUN", "AGENT", "STATE", "CREATED")]
+    rows += [(run.run_id, run.agent, _state(run.state), _time(run.create_time)) for run in runs]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3]]) for row in rows
+    )
 
 
 async def _client_command(args: argparse.Namespace) -> int:
-    async with AgentRunClient(args.server) as client:
+    out = _Output()
+
+    def notice(err: grpc.aio.AioRpcError) -> None:
+        """Says once per cause why the command waits, so that a person can tell a restart from a mistake."""
+        cause = f"{err.code().name}: {err.details()}"
+        if cause not in _NOTICES:
+            _NOTICES.add(cause)
+            out.line(f"! {cause}{_hint(err, args.server)}", file=sys.stderr)
+            out.line(f"  retrying for up to {args.retry_seconds:g} s (Ctrl-C stops)", file=sys.stderr)
+
+    async with AgentRunClient(args.server, retry_budget_seconds=args.retry_seconds, on_retry=notice) as client:
         if args.command == "run":
             run_id = await client.start_run(
                 args.agent, args.prompt, conversation_id=args.conversation or "", request_id=args.request_id or ""
             )
             print(f"[run {run_id}]", file=sys.stderr)
-            return await print_stream(client, run_id, prompt=args.ask, approver=args.approver, server=args.server)
+            return await print_stream(
+                client,
+                run_id,
+                prompt=args.ask,
+                approver=args.approver,
+                server=args.server,
+                show_sequence=args.show_sequence,
+                out=out,
+            )
         if args.command == "stream":
             return await print_stream(
                 client,
@@ -345,6 +444,8 @@ async def _client_command(args: argparse.Namespace) -> int:
                 prompt=args.ask,
                 approver=args.approver,
                 server=args.server,
+                show_sequence=args.show_sequence,
+                out=out,
             )
         if args.command == "approve":
             decision = pb.APPROVAL_DECISION_DENY if args.deny else pb.APPROVAL_DECISION_APPROVE
@@ -354,18 +455,59 @@ async def _client_command(args: argparse.Namespace) -> int:
             print(_decision(recorded.decision, recorded.approver, recorded.reason))
             return 0
         if args.command == "get":
-            print(_summary(await client.get_run(args.run_id), args.server))
+            run = await client.get_run(args.run_id)
+            cancelled = await _cancelled(client, run.run_id) if run.state == pb.RUN_STATE_CANCELLED else None
+            print(_summary(run, args.server, cancelled))
             return 0
         if args.command == "list":
             page = await client.list_runs(page_size=args.limit)
-            for run in page.runs:
-                print(_describe(run))
+            print(_table(page.runs) if page.runs else "no runs yet")
             return 0
         if args.command == "cancel":
+            if (await client.get_run(args.run_id)).state == pb.RUN_STATE_CANCELLED:
+                print(f"{args.run_id} was already cancelled")
+                return 0
             await client.cancel_run(args.run_id, reason=args.reason)
-            print(f"cancellation of {args.run_id} requested")
+            print(f"cancellation of {args.run_id} requested ({command()} get {args.run_id} shows when it has ended)")
+            return 0
+        if args.command == "agents":
+            for agent in await client.list_agents():
+                print(f"{agent.name}  {agent.description}".rstrip())
+                tools = ", ".join(agent.tools) or "none"
+                print(f"  model: {agent.model}; tools: {tools}; approval: {agent.approval_policy}")
             return 0
     raise AssertionError(args.command)
+
+
+# The hints already given, so that the error a command gives up with does not repeat one.
+_NOTICES: set[str] = set()
+
+
+def _hint(err: grpc.aio.AioRpcError, server: str) -> str:
+    """For a server that cannot be reached, what to do about it; once per process."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in (err.details() or ""):
+        return ""
+    if "hint" in _NOTICES:
+        return ""
+    _NOTICES.add("hint")
+    return (
+        f"\n  no agentrun server answers at {server}: start one with `make dev` (or `{command()} dev`, or "
+        f"`{command()} server` beside `{command()} worker`), or give its address with --server or AGENTRUN_SERVER"
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -378,6 +520,12 @@ def _parser() -> argparse.ArgumentParser:
             "--server",
             default=DEFAULT_SERVER,
             help="address of an agentrun server, or of several replicas separated by commas (AGENTRUN_SERVER)",
+        )
+        sub.add_argument(
+            "--retry-seconds",
+            type=_not_negative,
+            default=CLI_RETRY_SECONDS,
+            help=f"how long to keep trying while no server answers (default: {CLI_RETRY_SECONDS:g})",
         )
         return sub
 
@@ -393,16 +541,23 @@ def _parser() -> argparse.ArgumentParser:
             action=argparse.BooleanOptionalAction,
             help="ask about each approval on stdin (default: when stdin is a terminal)",
         )
+        sub.add_argument(
+            "--show-sequence",
+            action="store_true",
+            help="show each event on its own line after its sequence number (what --after takes)",
+        )
         return sub
 
     run = streaming_command("run", "start a run and stream its answer")
-    run.add_argument("agent")
-    run.add_argument("prompt")
+    run.add_argument("agent", help=f"a configured agent (see: {command()} agents)")
+    run.add_argument("prompt", help="what to ask the agent")
     run.add_argument("--conversation", help="conversation id")
     run.add_argument("--request-id", help="idempotency key: the same key returns the same run")
     stream = streaming_command("stream", "stream an existing run")
     stream.add_argument("run_id")
-    stream.add_argument("--after", type=int, default=0, help="resume after this sequence number")
+    stream.add_argument(
+        "--after", type=int, default=0, help="resume after this sequence number (see --show-sequence); 0 for all"
+    )
     approve = client_command("approve", "approve or deny a pending approval")
     approve.add_argument("run_id")
     approve.add_argument("approval_id")
@@ -412,10 +567,13 @@ def _parser() -> argparse.ArgumentParser:
     get = client_command("get", "show a run")
     get.add_argument("run_id")
     listing = client_command("list", "list recent runs")
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument(
+        "--limit", type=_positive, default=20, help="how many runs to show, newest first (default: 20)"
+    )
     cancel = client_command("cancel", "cancel a run")
     cancel.add_argument("run_id")
-    cancel.add_argument("--reason", default="")
+    cancel.add_argument("--reason", default="", help="why; shown in the run's run_cancelled event and by get")
+    client_command("agents", "list the agents that the server offers")
     # The service distribution adds its commands (dev, server, worker) here; the client works without them.
     for entry_point in entry_points(group=COMMANDS_ENTRY_POINT):
         entry_point.load()(commands)
@@ -430,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(asyncio.run(_client_command(args)))
     except grpc.aio.AioRpcError as err:
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"error: {err.code().name}: {err.details()}{_hint(err, args.server)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

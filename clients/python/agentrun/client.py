@@ -101,6 +101,7 @@ class AgentRunClient:
     ``interceptors`` on each: to trace the calls, pass OpenTelemetry's, which send the W3C trace context to the
     server (``opentelemetry.instrumentation.grpc.aio_client_interceptors()``, from the
     ``opentelemetry-instrumentation-grpc`` package; the client itself needs no OpenTelemetry).
+    ``on_retry`` is called with each error that is retried, before the wait, so that a program can tell its user.
     """
 
     def __init__(
@@ -110,8 +111,10 @@ class AgentRunClient:
         channel: grpc.aio.Channel | None = None,
         retry_budget_seconds: float = RETRY_BUDGET_SECONDS,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        on_retry: Callable[[grpc.aio.AioRpcError], None] | None = None,
     ) -> None:
         self._interceptors = list(interceptors)
+        self.on_retry = on_retry
         self.targets: tuple[str, ...] = () if channel is not None else _addresses(target)
         self.retry_budget_seconds = retry_budget_seconds
         self._channels: dict[int, grpc.aio.Channel] = {} if channel is None else {0: channel}
@@ -206,6 +209,10 @@ class AgentRunClient:
         request = pb.ListRunsRequest(page_size=page_size, page_token=page_token)
         return await self._call(lambda stub: stub.ListRuns(request))
 
+    async def list_agents(self) -> list[pb.Agent]:
+        """The agents that ``start_run`` accepts, by name."""
+        return list((await self._call(lambda stub: stub.ListAgents(pb.ListAgentsRequest()))).agents)
+
     async def approve(
         self,
         run_id: str,
@@ -247,6 +254,8 @@ class AgentRunClient:
         # move would lead back to the one that failed.
         if index == self._current:
             self._current = (index + 1) % (len(self.targets) or 1)  # a given channel is the only one
+        if self.on_retry is not None:
+            self.on_retry(err)
         await retries.wait()
 
     def _channel(self, index: int) -> grpc.aio.Channel:

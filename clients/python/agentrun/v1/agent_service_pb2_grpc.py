@@ -90,6 +90,11 @@ class AgentServiceStub:
                 request_serializer=agentrun_dot_v1_dot_agent__service__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=agentrun_dot_v1_dot_agent__service__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/agentrun.v1.AgentService/ListAgents',
+                request_serializer=agentrun_dot_v1_dot_agent__service__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_agent__service__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -130,7 +135,8 @@ class AgentServiceServicer:
 
         INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
         (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
-        NOT_FOUND when no agent of that name is configured. FAILED_PRECONDITION
+        NOT_FOUND when no agent of that name is configured (the message lists the
+        configured agents). FAILED_PRECONDITION
         when the conversation already has an active run (one run per conversation
         at a time; the message names the active run).
         """
@@ -206,6 +212,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAgents(self, request, context):
+        """ListAgents returns the agents that StartRun accepts, by name. It needs
+        neither Temporal nor Redis: the server reads its agents file at start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +252,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=agentrun_dot_v1_dot_agent__service__pb2.ListRunsRequest.FromString,
                     response_serializer=agentrun_dot_v1_dot_agent__service__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=agentrun_dot_v1_dot_agent__service__pb2.ListAgentsRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_agent__service__pb2.ListAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -428,6 +447,33 @@ class AgentService:
             '/agentrun.v1.AgentService/ListRuns',
             agentrun_dot_v1_dot_agent__service__pb2.ListRunsRequest.SerializeToString,
             agentrun_dot_v1_dot_agent__service__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.AgentService/ListAgents',
+            agentrun_dot_v1_dot_agent__service__pb2.ListAgentsRequest.SerializeToString,
+            agentrun_dot_v1_dot_agent__service__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,7 +68,8 @@ class AgentServiceStub:
 
     INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
     (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
-    NOT_FOUND when no agent of that name is configured. FAILED_PRECONDITION
+    NOT_FOUND when no agent of that name is configured (the message lists the
+    configured agents). FAILED_PRECONDITION
     when the conversation already has an active run (one run per conversation
     at a time; the message names the active run).
     """
@@ -120,6 +121,10 @@ class AgentServiceStub:
     INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
     ListRuns did not return.
     """
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
+    """ListAgents returns the agents that StartRun accepts, by name. It needs
+    neither Temporal nor Redis: the server reads its agents file at start.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -161,7 +166,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
     (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
-    NOT_FOUND when no agent of that name is configured. FAILED_PRECONDITION
+    NOT_FOUND when no agent of that name is configured (the message lists the
+    configured agents). FAILED_PRECONDITION
     when the conversation already has an active run (one run per conversation
     at a time; the message names the active run).
     """
@@ -213,6 +219,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
     ListRuns did not return.
     """
+    ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """ListAgents returns the agents that StartRun accepts, by name. It needs
+    neither Temporal nor Redis: the server reads its agents file at start.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs LLM agents as durable runs: start one, follow its events
@@ -257,7 +267,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
         (262,144 bytes of UTF-8), or an agent or id that breaks the id rules.
-        NOT_FOUND when no agent of that name is configured. FAILED_PRECONDITION
+        NOT_FOUND when no agent of that name is configured (the message lists the
+        configured agents). FAILED_PRECONDITION
         when the conversation already has an active run (one run per conversation
         at a time; the message names the active run).
         """
@@ -338,6 +349,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
         ListRuns did not return.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _agent_service_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListAgentsResponse, _abc.Awaitable[_agent_service_pb2.ListAgentsResponse]]:
+        """ListAgents returns the agents that StartRun accepts, by name. It needs
+        neither Temporal nor Redis: the server reads its agents file at start.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
