@@ -98,6 +98,9 @@ def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, f"Temporal is unavailable ({err.status.name}); retry later"
     if isinstance(err, RPCTimeoutOrCancelledError | WorkflowUpdateRPCTimeoutOrCancelledError):
         return grpc.StatusCode.UNAVAILABLE, "Temporal did not answer in time; retry later"
+    if isinstance(err, redis.exceptions.ConnectionError) and isinstance(err.__cause__, TimeoutError):
+        # redis-py's blocking pool had no connection free in time: this server is busy, Redis may well be fine.
+        return grpc.StatusCode.UNAVAILABLE, "the server is busy (no Redis connection came free in time); retry later"
     if isinstance(err, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return grpc.StatusCode.UNAVAILABLE, "Redis is unavailable; retry later"
     if isinstance(err, RelayUnavailable):
