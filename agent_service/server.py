@@ -49,13 +49,14 @@ from shared.contract import (
 from shared.conversations import ConversationStore
 from shared.events import is_terminal
 from shared.run_stream import (
+    StartMark,
     is_known,
     is_pending_approval,
     last_event,
     mark_started,
     pending_approvals,
     read_range,
-    run_traceparent,
+    start_mark,
     stream_exists,
 )
 from shared.settings import Settings, connect_redis, connect_temporal, stop_on_signals
@@ -137,6 +138,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         # id: duplicates, concurrent or late, all land on the first run.
         if request.request_id:
             run_id = "run-" + hashlib.sha256(request.request_id.encode()).hexdigest()[:32]
+            # Before anything is written for it: the same request_id with another request is a caller's mistake.
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                _check_same_request(request, await start_mark(self._redis, self._settings.redis_prefix, run_id), run_id)
         else:
             run_id = "run-" + uuid.uuid4().hex
         conversation = request.conversation_id
@@ -172,16 +176,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 await self._conversations.release_active_run(conversation, run_id)
             raise
         # The run's trace is the one of the StartRun that started it: a duplicate StartRun answers with that one.
-        traceparent = telemetry.traceparent()
+        mark = StartMark(telemetry.traceparent(), _request_digest(request) if request.request_id else "")
         # Lets StreamRun follow the run before its first event without asking Temporal; without it, it asks.
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            traceparent = await mark_started(
-                self._redis,
-                self._settings.redis_prefix,
-                run_id,
-                ttl_seconds=self._settings.stream_ttl_seconds,
-                traceparent=traceparent,
-            )
+            ttl = self._settings.stream_ttl_seconds
+            mark = await mark_started(self._redis, self._settings.redis_prefix, run_id, ttl_seconds=ttl, mark=mark)
+        _check_same_request(request, mark, run_id)  # another request with this request_id started the run just now
+        traceparent = mark.traceparent
         telemetry.instruments().runs_started.add(1, {"gen_ai.agent.name": agent.name})
         run_trace = telemetry.span_context_of(traceparent)
         trace_id = f"{run_trace.trace_id:032x}" if run_trace is not None else telemetry.trace_id_hex()
@@ -266,7 +267,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def _run_trace(self, run_id: str) -> trace.SpanContext | None:
         """The span of the StartRun that started the run, when it was traced and Redis still has its mark."""
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            return telemetry.span_context_of(await run_traceparent(self._redis, self._settings.redis_prefix, run_id))
+            mark = await start_mark(self._redis, self._settings.redis_prefix, run_id)
+            return telemetry.span_context_of(mark.traceparent) if mark is not None else None
         return None
 
     async def _link_to_run_trace(self, run_id: str, approval_id: str = "") -> None:
@@ -561,6 +563,26 @@ def _approve_response(approval: Approval) -> pb.ApproveResponse:
 
 def _already_ended(run_id: str) -> ApiError:
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run_id!r} has already ended")
+
+
+def _request_digest(request: pb.StartRunRequest) -> str:
+    """What a StartRun asks for, apart from its request_id: a duplicate asks for the same."""
+    asked = "\0".join([request.agent, request.input, request.conversation_id])
+    return hashlib.sha256(asked.encode()).hexdigest()[:32]
+
+
+def _check_same_request(request: pb.StartRunRequest, mark: StartMark | None, run_id: str) -> None:
+    """ALREADY_EXISTS when the run of this request_id was started by another request (agent, input or conversation).
+
+    Only while Redis keeps the run's start mark (as long as its stream); runs marked before digests were kept pass.
+    """
+    if mark is None or not mark.request_digest or mark.request_digest == _request_digest(request):
+        return
+    raise ApiError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"request_id: {run_id} was started with it by another request (agent, input or conversation differ); "
+        "a new request needs a new request_id",
+    )
 
 
 def _page_token(temporal_token: bytes) -> str:

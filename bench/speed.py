@@ -36,7 +36,7 @@ from bench.streams import active_phase, machine, print_active
 from bench.ttft import AGENT, AGENTS_FILE, Paths, Sample, direct, interleaved, via_agentrun
 from shared import events
 from shared.contract import RunEnd, RunOutcome
-from shared.run_stream import RunStreamWriter, mark_started
+from shared.run_stream import RunStreamWriter, StartMark, mark_started
 
 WARMUP = 3
 IN_FLIGHT = 50
@@ -95,7 +95,7 @@ async def relay_alone(stack: Stack, client: AgentRunClient, tokens: int, *, coal
     run_id = f"relay-bench-{uuid.uuid4().hex[:12]}"
     texts = [f"tok{i} " for i in range(tokens)]
     async with redis.Redis.from_url(stack.redis_url) as direct_redis:
-        await mark_started(direct_redis, stack.redis_prefix, run_id, ttl_seconds=600)
+        await mark_started(direct_redis, stack.redis_prefix, run_id, ttl_seconds=600, mark=StartMark())
         writer = RunStreamWriter(direct_redis, stack.redis_prefix, ttl_seconds=600)
         received: list[str] = []
         first = asyncio.get_running_loop().create_future()

@@ -203,25 +203,37 @@ async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:
     return bool(await client.exists(stream_key(prefix, run_id)))
 
 
+@dataclass(frozen=True)
+class StartMark:
+    """What Redis keeps of a run's start: the trace it started in (a W3C ``traceparent``, or empty) and a digest of
+    the request that started it (empty when it had no request_id, or was marked before digests were kept)."""
+
+    traceparent: str = ""
+    request_digest: str = ""
+
+    def encode(self) -> str:
+        return f"{self.request_digest}|{self.traceparent or _NO_TRACE}"
+
+    @classmethod
+    def decode(cls, value: Any) -> StartMark:
+        text = value.decode() if isinstance(value, bytes) else str(value or "")
+        digest, _, traceparent = text.rpartition("|")  # a mark without "|" is only a trace
+        return cls("" if traceparent == _NO_TRACE else traceparent, digest)
+
+
 async def mark_started(
-    client: redis.Redis, prefix: str, run_id: str, *, ttl_seconds: int, traceparent: str = ""
-) -> str:
-    """Records that the run exists, so that watching it before its first event needs no question to Temporal, and
-    the trace it started in (a W3C ``traceparent``). Returns the trace recorded by the first mark (the run's)."""
-    earlier = await client.set(
-        _started_key(prefix, run_id), traceparent or _NO_TRACE, ex=ttl_seconds, nx=True, get=True
-    )
-    return traceparent if earlier is None else _traceparent(earlier)
+    client: redis.Redis, prefix: str, run_id: str, *, ttl_seconds: int, mark: StartMark
+) -> StartMark:
+    """Records that the run exists, so that watching it before its first event needs no question to Temporal.
+    Returns the first mark made for the run (the run's own), which a duplicate StartRun answers with."""
+    earlier = await client.set(_started_key(prefix, run_id), mark.encode(), ex=ttl_seconds, nx=True, get=True)
+    return mark if earlier is None else StartMark.decode(earlier)
 
 
-async def run_traceparent(client: redis.Redis, prefix: str, run_id: str) -> str:
-    """The ``traceparent`` of the StartRun that started the run; empty when it was not traced or Redis forgot."""
-    return _traceparent(await client.get(_started_key(prefix, run_id)))
-
-
-def _traceparent(value: Any) -> str:
-    text = value.decode() if isinstance(value, bytes) else str(value or "")
-    return "" if text == _NO_TRACE else text
+async def start_mark(client: redis.Redis, prefix: str, run_id: str) -> StartMark | None:
+    """The run's start mark; None when Redis has none (never marked, or expired)."""
+    value = await client.get(_started_key(prefix, run_id))
+    return None if value is None else StartMark.decode(value)
 
 
 async def is_known(client: redis.Redis, prefix: str, run_id: str) -> bool:

@@ -9,6 +9,7 @@ import pytest
 
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
+from shared.conversations import ConversationStore
 from shared.run_stream import stream_key
 from tests.conftest import Stack, details
 
@@ -139,6 +140,23 @@ async def test_start_is_idempotent_by_request_id(stack: Stack) -> None:
     # Still the same run after it has finished.
     assert await stack.client.start_run("assistant", key, request_id="req-sequential") == first
     assert await stack.client.start_run("assistant", key, request_id="req-other") != first
+
+
+async def test_a_request_id_reused_for_another_request_is_already_exists(stack: Stack) -> None:
+    key = stack.model.script({"text": "first"})
+    first = await stack.client.start_run("assistant", key, request_id="req-reused")
+    others = [("assistant", f"{key} and more", ""), ("tools", key, ""), ("assistant", key, "conv-other")]
+
+    for agent, text, conversation in others:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stack.client.start_run(agent, text, request_id="req-reused", conversation_id=conversation)
+        assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert details(raised.value).startswith(f"request_id: {first} was started with it by another request")
+
+    # Refused before anything was written for it, and the same request still finds its run.
+    assert await ConversationStore(stack.redis, stack.settings.redis_prefix).messages("conv-other") == []
+    assert await stack.client.start_run("assistant", key, request_id="req-reused") == first
+    assert (await collect(stack, first))[-1].run_completed.output == "first"
 
 
 async def test_concurrent_duplicates_start_one_run(stack: Stack) -> None:

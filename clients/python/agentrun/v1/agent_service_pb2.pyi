@@ -133,7 +133,8 @@ class StartRunRequest(_message.Message):
     """
     request_id: _builtins.str
     """A caller-chosen key that makes the call idempotent: a request with a
-    request_id already used returns the run that the first one started.
+    request_id already used returns the run that the first one started, or
+    ALREADY_EXISTS when the rest of the request differs.
     Follows the id rules of AgentService; empty makes no such promise.
     """
     def __init__(

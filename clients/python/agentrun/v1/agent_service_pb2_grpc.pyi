@@ -62,8 +62,10 @@ class AgentServiceStub:
     StartRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.StartRunRequest, _agent_service_pb2.StartRunResponse]
     """StartRun starts a run of a configured agent and returns at once with its
     id. A request with a request_id already used returns the run the first one
-    started, even after that run has ended; the rest of the request is not
-    compared. The user's input is saved to the conversation before the run
+    started, even after that run has ended, when it asks for the same agent,
+    input and conversation; ALREADY_EXISTS, naming the run, when it asks for
+    something else (checked while the run's stream is kept, 24 hours by
+    default). The user's input is saved to the conversation before the run
     starts.
 
     INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
@@ -160,8 +162,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     StartRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.StartRunRequest, _agent_service_pb2.StartRunResponse]  # type: ignore[assignment]
     """StartRun starts a run of a configured agent and returns at once with its
     id. A request with a request_id already used returns the run the first one
-    started, even after that run has ended; the rest of the request is not
-    compared. The user's input is saved to the conversation before the run
+    started, even after that run has ended, when it asks for the same agent,
+    input and conversation; ALREADY_EXISTS, naming the run, when it asks for
+    something else (checked while the run's stream is kept, 24 hours by
+    default). The user's input is saved to the conversation before the run
     starts.
 
     INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
@@ -261,8 +265,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_service_pb2.StartRunResponse, _abc.Awaitable[_agent_service_pb2.StartRunResponse]]:
         """StartRun starts a run of a configured agent and returns at once with its
         id. A request with a request_id already used returns the run the first one
-        started, even after that run has ended; the rest of the request is not
-        compared. The user's input is saved to the conversation before the run
+        started, even after that run has ended, when it asks for the same agent,
+        input and conversation; ALREADY_EXISTS, naming the run, when it asks for
+        something else (checked while the run's stream is kept, 24 hours by
+        default). The user's input is saved to the conversation before the run
         starts.
 
         INVALID_ARGUMENT for an input that is empty or longer than 256 KiB
