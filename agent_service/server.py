@@ -138,11 +138,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
         # id: duplicates, concurrent or late, all land on the first run.
         if request.request_id:
             run_id = "run-" + hashlib.sha256(request.request_id.encode()).hexdigest()[:32]
+            digest = _request_digest(request)
             # Before anything is written for it: the same request_id with another request is a caller's mistake.
             with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                _check_same_request(request, await start_mark(self._redis, self._settings.redis_prefix, run_id), run_id)
+                _check_same_request(await start_mark(self._redis, self._settings.redis_prefix, run_id), digest, run_id)
         else:
-            run_id = "run-" + uuid.uuid4().hex
+            run_id, digest = "run-" + uuid.uuid4().hex, ""
         conversation = request.conversation_id
         if conversation:
             await self._claim_conversation(conversation, run_id, agent)
@@ -176,12 +177,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 await self._conversations.release_active_run(conversation, run_id)
             raise
         # The run's trace is the one of the StartRun that started it: a duplicate StartRun answers with that one.
-        mark = StartMark(telemetry.traceparent(), _request_digest(request) if request.request_id else "")
+        mark = StartMark(telemetry.traceparent(), digest)
         # Lets StreamRun follow the run before its first event without asking Temporal; without it, it asks.
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             ttl = self._settings.stream_ttl_seconds
             mark = await mark_started(self._redis, self._settings.redis_prefix, run_id, ttl_seconds=ttl, mark=mark)
-        _check_same_request(request, mark, run_id)  # another request with this request_id started the run just now
+        _check_same_request(mark, digest, run_id)  # another request with this request_id started the run just now
         traceparent = mark.traceparent
         telemetry.instruments().runs_started.add(1, {"gen_ai.agent.name": agent.name})
         run_trace = telemetry.span_context_of(traceparent)
@@ -571,12 +572,12 @@ def _request_digest(request: pb.StartRunRequest) -> str:
     return hashlib.sha256(asked.encode()).hexdigest()[:32]
 
 
-def _check_same_request(request: pb.StartRunRequest, mark: StartMark | None, run_id: str) -> None:
+def _check_same_request(mark: StartMark | None, digest: str, run_id: str) -> None:
     """ALREADY_EXISTS when the run of this request_id was started by another request (agent, input or conversation).
 
     Only while Redis keeps the run's start mark (as long as its stream); runs marked before digests were kept pass.
     """
-    if mark is None or not mark.request_digest or mark.request_digest == _request_digest(request):
+    if mark is None or not mark.request_digest or not digest or mark.request_digest == digest:
         return
     raise ApiError(
         grpc.StatusCode.ALREADY_EXISTS,

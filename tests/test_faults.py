@@ -64,26 +64,30 @@ async def workers(settings: Settings, redis_client: redis.Redis) -> AsyncIterato
     await running.stop_all()
 
 
-async def test_a_redis_restarted_empty_mid_run_fails_no_run_and_reuses_no_number(
-    settings: Settings, own_redis: OwnRedis, model: Model
-) -> None:
-    settings = replace(settings, redis_url=own_redis.url)
-    key = model.script({"chunks": WORDS, "delay_ms": 50})
-    workers = Workers(settings)
+@pytest.fixture
+async def on_own_redis(settings: Settings, own_redis: OwnRedis) -> AsyncIterator[Settings]:
+    """The test's settings moved to a Redis of its own, which the test may kill, with a worker running on them."""
+    moved = replace(settings, redis_url=own_redis.url)
+    workers = Workers(moved)
     await workers.start()
-    try:
-        async with replicas(settings, 1) as (server,), AgentRunClient(server.address) as client:
-            run_id = await client.start_run("assistant", key)
-            events: list[pb.RunEvent] = []
-            async for event in client.stream_run(run_id):
-                events.append(event)
-                if len(events) == 10:
-                    await own_redis.kill()
-                    await asyncio.sleep(3)  # the worker and the server wait it out
-                    await own_redis.start()
-            resumed = await collect(client, run_id, after=5)
-    finally:
-        await workers.stop_all()
+    yield moved
+    await workers.stop_all()
+
+
+async def test_a_redis_restarted_empty_mid_run_fails_no_run_and_reuses_no_number(
+    on_own_redis: Settings, own_redis: OwnRedis, model: Model
+) -> None:
+    key = model.script({"chunks": WORDS, "delay_ms": 50})
+    async with replicas(on_own_redis, 1) as (server,), AgentRunClient(server.address) as client:
+        run_id = await client.start_run("assistant", key)
+        events: list[pb.RunEvent] = []
+        async for event in client.stream_run(run_id):
+            events.append(event)
+            if len(events) == 10:
+                await own_redis.kill()
+                await asyncio.sleep(3)  # the worker and the server wait it out
+                await own_redis.start()
+        resumed = await collect(client, run_id, after=5)
 
     assert_each_number_once(events)
     assert events[-1].run_completed.output == TEXT
@@ -96,27 +100,21 @@ async def test_a_redis_restarted_empty_mid_run_fails_no_run_and_reuses_no_number
 
 
 async def test_a_flushed_redis_mid_run_fails_no_run_and_reuses_no_number(
-    settings: Settings, own_redis: OwnRedis, model: Model
+    on_own_redis: Settings, own_redis: OwnRedis, model: Model
 ) -> None:
-    settings = replace(settings, redis_url=own_redis.url)
     key = model.script({"chunks": WORDS, "delay_ms": 30})
-    workers = Workers(settings)
-    await workers.start()
-    try:
-        async with (
-            replicas(settings, 1) as (server,),
-            AgentRunClient(server.address) as client,
-            redis.Redis.from_url(own_redis.url) as direct,
-        ):
-            run_id = await client.start_run("assistant", key)
-            events: list[pb.RunEvent] = []
-            async for event in client.stream_run(run_id):
-                events.append(event)
-                if len(events) == 10:
-                    await direct.flushall()
-            resumed = await collect(client, run_id, after=5)
-    finally:
-        await workers.stop_all()
+    async with (
+        replicas(on_own_redis, 1) as (server,),
+        AgentRunClient(server.address) as client,
+        redis.Redis.from_url(own_redis.url) as direct,
+    ):
+        run_id = await client.start_run("assistant", key)
+        events: list[pb.RunEvent] = []
+        async for event in client.stream_run(run_id):
+            events.append(event)
+            if len(events) == 10:
+                await direct.flushall()
+        resumed = await collect(client, run_id, after=5)
 
     assert_each_number_once(events)
     assert text_of(events) == TEXT
@@ -126,35 +124,29 @@ async def test_a_flushed_redis_mid_run_fails_no_run_and_reuses_no_number(
 
 
 async def test_calls_answer_unavailable_naming_redis_while_it_is_down(
-    settings: Settings, own_redis: OwnRedis, model: Model, temporal_env: WorkflowEnvironment
+    on_own_redis: Settings, own_redis: OwnRedis, model: Model, temporal_env: WorkflowEnvironment
 ) -> None:
-    settings = replace(settings, redis_url=own_redis.url)
     key = model.script({"text": "before the outage"})
-    workers = Workers(settings)
-    await workers.start()
-    try:
-        async with replicas(settings, 1) as (server,), AgentRunClient(server.address) as client:
-            run_id = await client.start_run("assistant", key)
-            await collect(client, run_id)
-            await temporal_env.client.get_workflow_handle(run_id).result()  # Temporal has recorded the end
-            await own_redis.kill()
+    async with replicas(on_own_redis, 1) as (server,), AgentRunClient(server.address) as client:
+        run_id = await client.start_run("assistant", key)
+        await collect(client, run_id)
+        await temporal_env.client.get_workflow_handle(run_id).result()  # Temporal has recorded the end
+        await own_redis.kill()
 
-            # Temporal holds the state: GetRun still answers.
-            assert (await client.stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=10)).run.output == (
-                "before the outage"
-            )
-            calls: list[Awaitable[object]] = [
-                client.stub.StartRun(pb.StartRunRequest(agent="chat", input="hi", conversation_id="c1"), timeout=10),
-                client.stub.StreamRun(pb.StreamRunRequest(run_id=run_id), timeout=10).read(),
-            ]
-            for call in calls:
-                with pytest.raises(grpc.aio.AioRpcError) as raised:
-                    await call
-                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "Redis" in details(raised.value)
-            await own_redis.start()
-    finally:
-        await workers.stop_all()
+        # Temporal holds the state: GetRun still answers.
+        assert (await client.stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=10)).run.output == (
+            "before the outage"
+        )
+        calls: list[Awaitable[object]] = [
+            client.stub.StartRun(pb.StartRunRequest(agent="chat", input="hi", conversation_id="c1"), timeout=10),
+            client.stub.StreamRun(pb.StreamRunRequest(run_id=run_id), timeout=10).read(),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Redis" in details(raised.value)
+        await own_redis.start()
 
 
 async def test_temporal_killed_and_started_again_on_its_database_mid_run(

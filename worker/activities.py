@@ -57,7 +57,8 @@ FINAL_ROUND_NOTE = (
 MISSING_RESULT = "No result: the run ended before this tool call finished."
 
 # After Redis lost a run's stream while a model call died, the retry continues this far past the last sequence
-# it knows of; more events than this cannot have been published between two heartbeats.
+# it knows of; more events than this cannot have been published between two heartbeats: a model call has one append
+# in flight at a time (about 1 ms each), so at most a few thousand in the HEARTBEAT_INTERVAL_SECONDS between them.
 LOST_SEQUENCE_MARGIN = 10_000
 # Statuses with which a model endpoint says "not now" rather than "never": retried, after Retry-After if given.
 _RETRYABLE_MODEL_STATUSES = frozenset({408, 409, 429})
