@@ -334,7 +334,16 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
     Python 3.11's asyncio timeouts can swallow a cancellation that arrives just as their own timeout fires, and
     redis-py reads and writes under one; so the request is repeated until the task is done.
+    The caller may itself be cancelled, again and again, while it waits (the relay's close stops its subscription
+    this way while the subscription stops its own helper); it still waits for ``task`` to end, so no task is left
+    pending and unreferenced, and then passes the cancellation on.
     """
+    cancelled = False
     while not task.done():
         task.cancel()
-        await asyncio.wait([task], timeout=0.1)
+        try:
+            await asyncio.wait([task], timeout=0.1)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
