@@ -1,11 +1,16 @@
 """Agent definitions: the configuration file that the server reads to start runs.
 
 A run carries a snapshot of its agent's definition, taken when it starts, so editing the file changes new runs
-only. The worker reads the file too, to refuse to start when an agent names a tool it does not have.
+only. The worker reads the file too, to refuse to start when an agent names a tool it does not have, and to
+connect to the MCP servers that its ``mcp_servers`` section defines and agents use.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,24 @@ class ApprovalPolicy:
 
 
 @dataclass(frozen=True)
+class McpServerUse:
+    """An agent's use of an MCP server: which of its tools the model is offered.
+
+    ``allow`` and ``deny`` hold tool names as the server names them, or shell-style patterns (``read_*``); an
+    empty ``allow`` lets every tool through, and ``deny`` wins over ``allow``.
+    """
+
+    server: str
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    def admits(self, tool: str) -> bool:
+        if any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.deny):
+            return False
+        return not self.allow or any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.allow)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """One agent: what it is told, which model and tools it uses, and its limits."""
 
@@ -60,6 +83,8 @@ class AgentConfig:
     max_tokens: int | None = None
     reasoning_effort: str | None = None
     tools: tuple[str, ...] = ()
+    # The MCP servers whose tools the model is offered (as mcp_<server>_<tool>), filtered.
+    mcp_servers: tuple[McpServerUse, ...] = ()
     approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
     max_iterations: int = 10
     # "interactive" runs time out after 5 minutes, "autonomous" ones after 60;
@@ -87,7 +112,15 @@ _APPROVAL_FIELDS = {f.name for f in fields(ApprovalPolicy)}
 
 def load_agents(path: str | Path) -> dict[str, AgentConfig]:
     """Reads the agents file; every problem raises AgentConfigError naming where it is."""
-    path = Path(path)
+    return _load(Path(path))[0]
+
+
+def load_mcp_servers(path: str | Path) -> dict[str, McpServerConfig]:
+    """The MCP servers the agents file defines (checked as load_agents checks the whole file)."""
+    return _load(Path(path))[1]
+
+
+def _load(path: Path) -> tuple[dict[str, AgentConfig], dict[str, McpServerConfig]]:
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -97,14 +130,29 @@ def load_agents(path: str | Path) -> dict[str, AgentConfig]:
     agents = (document or {}).get("agents") if isinstance(document, dict) else None
     if not isinstance(agents, dict) or not agents:
         raise AgentConfigError(f"agents file {path} must have a non-empty 'agents' mapping")
+    servers_spec = document.get("mcp_servers") or {}
+    if not isinstance(servers_spec, dict):
+        raise AgentConfigError(f"{path}: 'mcp_servers' must be a mapping of server names to their settings")
+    servers = {}
+    for name, spec in servers_spec.items():
+        try:
+            servers[str(name)] = _mcp_server(str(name), spec)
+        except (TypeError, ValueError) as err:
+            raise AgentConfigError(f"{path}: mcp_servers: {name!r}: {err}") from None
     loaded = {}
     for name, spec in agents.items():
         where = f"{path}: agent {name!r}"
         try:
-            loaded[str(name)] = _agent(str(name), spec)
+            loaded[str(name)] = agent = _agent(str(name), spec)
+            for use in agent.mcp_servers:
+                if use.server not in servers:
+                    defined = ", ".join(sorted(servers)) or "none"
+                    raise ValueError(
+                        f"mcp_servers: {use.server!r} is not defined in the file's mcp_servers (defined: {defined})"
+                    )
         except (TypeError, ValueError) as err:
             raise AgentConfigError(f"{where}: {err}") from None
-    return loaded
+    return loaded, servers
 
 
 def _agent(name: str, spec: Any) -> AgentConfig:
@@ -121,6 +169,7 @@ def _agent(name: str, spec: Any) -> AgentConfig:
         if isinstance(spec.get(key), int):
             spec[key] = float(spec[key])
     spec["tools"] = tuple(_names(spec.get("tools", []), "tools"))
+    spec["mcp_servers"] = _mcp_uses(spec.get("mcp_servers", {}))
     approval = spec.get("approval", {})
     if not isinstance(approval, dict) or set(approval) - _APPROVAL_FIELDS:
         raise ValueError(f"'approval' must be a mapping of {sorted(_APPROVAL_FIELDS)}")
@@ -167,3 +216,142 @@ def _check(agent: AgentConfig) -> None:
             jsonschema.Draft202012Validator.check_schema(agent.output_schema)
         except jsonschema.SchemaError as err:
             raise ValueError(f"output_schema is not a valid JSON schema: {err.message}") from None
+
+
+# What an MCP server's name may hold: it is part of its tools' names (mcp_<server>_<tool>), so no '_', which keeps
+# the server of a tool name unambiguous.
+_SERVER_NAME = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+# ${NAME} in a server's env or headers: a value the worker takes from its own environment when it connects.
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A call must end within the tool activity's 5 minutes (worker/workflows.py, TOOL_TIMEOUT), connecting included.
+MAX_MCP_CALL_SECONDS = 240.0
+MAX_MCP_CONNECT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class McpServerConfig:
+    """How the worker reaches one MCP server: a command it starts (stdio) or a URL (streamable HTTP).
+
+    Values may name variables of the worker's environment as ``${NAME}``; secrets must: a bearer token is
+    only ever read from the variable that ``bearer_token_env`` names.
+    """
+
+    name: str
+    # stdio: the process the worker starts and talks to over its stdin and stdout.
+    command: str = ""
+    args: tuple[str, ...] = ()
+    # Added to the small environment the SDK gives the process (PATH, HOME and the like, not the worker's own).
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    # Streamable HTTP.
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    bearer_token_env: str = ""
+    # Starting the process or opening the connection, and the protocol's handshake.
+    connect_timeout_seconds: float = 10.0
+    # One tool call, from request to result.
+    call_timeout_seconds: float = 60.0
+    # How often the worker lists the server's tools again; 0: only when it starts.
+    refresh_seconds: float = 300.0
+
+    @property
+    def transport(self) -> str:
+        return "stdio" if self.command else "http"
+
+    def describe(self) -> str:
+        """Where the server is, for error messages (never a header or an environment value)."""
+        if self.command:
+            return f"stdio: {' '.join([self.command, *self.args])}"
+        return f"streamable HTTP: {self.url}"
+
+
+_MCP_SERVER_FIELDS = {f.name for f in fields(McpServerConfig)} - {"name"}
+
+
+def _mcp_server(name: str, spec: Any) -> McpServerConfig:
+    if not _SERVER_NAME.match(name):
+        raise ValueError("the name must be 1-32 letters, digits or '-' (it becomes part of tool names)")
+    if not isinstance(spec, dict):
+        raise ValueError("must be a mapping")
+    spec = dict(spec)
+    unknown = set(spec) - _MCP_SERVER_FIELDS
+    if unknown:
+        raise ValueError(f"has unknown keys {sorted(unknown)} (known: {', '.join(sorted(_MCP_SERVER_FIELDS))})")
+    if bool(spec.get("command")) == bool(spec.get("url")):
+        raise ValueError("needs either 'command' (stdio) or 'url' (streamable HTTP), not both")
+    stdio_only = {"command", "args", "env", "cwd"}
+    http_only = {"url", "headers", "bearer_token_env"}
+    wrong = sorted(set(spec) & (http_only if spec.get("command") else stdio_only))
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} do not apply to a {'stdio' if spec.get('command') else 'HTTP'} server")
+    for key in ("command", "url", "cwd", "bearer_token_env"):
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"'{key}' must be a string")
+    if spec.get("url") and not re.match(r"^https?://", spec["url"]):
+        raise ValueError("'url' must start with http:// or https://")
+    if spec.get("bearer_token_env") and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", spec["bearer_token_env"]):
+        raise ValueError("'bearer_token_env' must be the name of an environment variable, not the token")
+    args = spec.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str | int | float) for a in args):
+        raise ValueError("'args' must be a list of strings")
+    spec["args"] = tuple(str(a) for a in args)
+    for key in ("env", "headers"):
+        value = spec.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str | int | float) for v in value.values()):
+            raise ValueError(f"'{key}' must be a mapping of names to strings")
+        spec[key] = {str(k): str(v) for k, v in value.items()}
+    for header, value in spec["headers"].items():
+        if header.lower() == "authorization" and not ENV_REFERENCE.search(value):
+            raise ValueError(
+                "headers: the Authorization header must not be written in the file: put the token in an "
+                "environment variable and name it in 'bearer_token_env' (or write ${NAME})"
+            )
+    for key, limit in (
+        ("connect_timeout_seconds", MAX_MCP_CONNECT_SECONDS),
+        ("call_timeout_seconds", MAX_MCP_CALL_SECONDS),
+        ("refresh_seconds", None),
+    ):
+        if key not in spec:
+            continue
+        value = spec[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"'{key}' must be a number of seconds")
+        spec[key] = float(value)
+        if key == "refresh_seconds":
+            if value < 0:
+                raise ValueError("'refresh_seconds' must be 0 (never) or positive")
+        elif not 0 < value <= (limit or 0):
+            raise ValueError(f"'{key}' must be positive and at most {limit:g} (a tool call's activity has 5 minutes)")
+    return McpServerConfig(name=name, **spec)
+
+
+def _mcp_uses(value: Any) -> tuple[McpServerUse, ...]:
+    if not isinstance(value, dict):
+        raise ValueError("'mcp_servers' must be a mapping of server names to {allow, deny} (or to nothing)")
+    uses = []
+    for server, filters in value.items():
+        filters = filters or {}
+        if not isinstance(filters, dict) or set(filters) - {"allow", "deny"}:
+            raise ValueError(f"mcp_servers: {server!r} must map to {{allow: [...], deny: [...]}} or to nothing")
+        uses.append(
+            McpServerUse(
+                str(server),
+                allow=tuple(_names(filters.get("allow", []), f"mcp_servers.{server}.allow")),
+                deny=tuple(_names(filters.get("deny", []), f"mcp_servers.{server}.deny")),
+            )
+        )
+    return tuple(uses)
+
+
+def resolve_env(value: str, where: str, environ: Mapping[str, str] | None = None) -> str:
+    """``value`` with every ``${NAME}`` replaced from the environment; ValueError naming ``where`` and the
+    variable when one is unset."""
+    environ = os.environ if environ is None else environ
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ValueError(f"{where} names ${{{name}}}, which is not set in the worker's environment")
+        return environ[name]
+
+    return ENV_REFERENCE.sub(replace, value)
