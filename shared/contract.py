@@ -67,6 +67,8 @@ class ErrorType(StrEnum):
     STREAM_UNAVAILABLE = "StreamUnavailable"
     # A worker lacks a tool that the run's agent snapshot needs, or has a different version of it.
     SNAPSHOT_UNSUPPORTED = "SnapshotUnsupported"
+    # The service behind a tool (an MCP server) could not be reached: retried, and the last attempt tells the model.
+    TOOL_UNAVAILABLE = "ToolUnavailable"
 
 
 @dataclass

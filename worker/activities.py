@@ -8,7 +8,7 @@ import email.utils
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -40,7 +40,7 @@ from shared.contract import (
 from shared.conversations import ConversationStore
 from shared.run_stream import AppendResult, RunStreamWriter
 from worker import _telemetry
-from worker.tools import ToolContext, ToolError, ToolRegistry
+from worker.tools import ToolContext, ToolError, ToolRegistry, ToolUnavailableError
 
 # How often a running activity tells Temporal it is alive (and the last sequence it published). Cancellation reaches
 # a tool, or a model call still waiting for its first token, through the answer to a heartbeat, so this bounds how
@@ -247,7 +247,11 @@ class RunActivities:
 
     async def _call_model(self, input: CallModelInput, call: _telemetry.ModelCall, span: Any) -> ModelReply:
         agent = input.agent
-        tool_digests = self._check_tools(agent, input.tool_digests)
+        tool_names = self._tools.agent_tools(agent, input.tool_digests)
+        tool_digests = self._check_tools(agent, tool_names, input.tool_digests)
+        if tool_names and not agent.tools and input.round == agent.max_iterations - 1:
+            # The workflow marks the last round only for an agent with Python tools: it does not see MCP tools.
+            input = replace(input, final_round=True)
         resumed = await self._resume(input)
         if resumed.answer is not None:
             return await self._answered_before(input, resumed.answer, tool_digests)
@@ -263,7 +267,7 @@ class RunActivities:
                     messages=cast("list[ChatCompletionMessageParam]", messages),
                     stream=True,
                     stream_options={"include_usage": True},
-                    **_request_options(agent, self._tools.specs(agent.tools) if _offers_tools(input) else []),
+                    **_request_options(agent, self._tools.specs(tool_names) if not input.final_round else []),
                 ) as response:
                     async for chunk in _chunks(response):
                         if not call.first_chunk_at:
@@ -287,7 +291,7 @@ class RunActivities:
             last_sequence=publisher.last_sequence,
             tool_digests=tool_digests,
         )
-        await self._complete_reply(input, reply, streamed.calls())
+        await self._complete_reply(input, reply, streamed.calls(), tool_names)
         call.finish(
             span,
             reply.usage,
@@ -343,11 +347,12 @@ class RunActivities:
             telemetry.instruments().runs_ended.add(1, {"agentrun.run.outcome": end.outcome.end.removeprefix("run_")})
         return result
 
-    def _check_tools(self, agent: AgentConfig, snapshot: dict[str, str]) -> dict[str, str]:
-        """The digests of the agent's tools here; refuses a run whose snapshot needs tools that this worker lacks
-        or has in another version (``snapshot`` is empty in a run's first round)."""
-        missing = [name for name in agent.tools if not self._tools.has(name)]
-        digests = {name: self._tools.get(name).digest() for name in agent.tools if name not in missing}
+    def _check_tools(self, agent: AgentConfig, names: list[str], snapshot: dict[str, str]) -> dict[str, str]:
+        """The digests of the agent's tools (``names``) here; refuses a run whose snapshot needs tools that this
+        worker lacks or has in another version (``snapshot`` is empty in a run's first round). An MCP tool that
+        its server dropped or changed since the run started is refused the same way."""
+        missing = [name for name in names if not self._tools.has(name)]
+        digests = {name: self._tools.get(name).digest() for name in names if name not in missing}
         changed = [name for name, digest in snapshot.items() if name in digests and digests[name] != digest]
         if missing or changed:
             problems = [f"it lacks tool {name!r}" for name in missing]
@@ -393,10 +398,12 @@ class RunActivities:
             messages.append({"role": "system", "content": FINAL_ROUND_NOTE.format(rounds=agent.max_iterations)})
         return messages
 
-    async def _complete_reply(self, input: CallModelInput, reply: ModelReply, calls: list[ToolCallRequest]) -> None:
+    async def _complete_reply(
+        self, input: CallModelInput, reply: ModelReply, calls: list[ToolCallRequest], tool_names: list[str]
+    ) -> None:
         """Checks the reply's tool calls or its structured answer, announces the calls, and saves the turn."""
         agent = input.agent
-        reply.tool_calls = [self._inspect(agent, call) for call in calls]
+        reply.tool_calls = [self._inspect(agent, tool_names, call) for call in calls]
         reply.message = _assistant_message(reply.text, reply.tool_calls)
         if reply.tool_calls:
             result = await self._stream.append(
@@ -417,10 +424,10 @@ class RunActivities:
                 ttl_seconds=agent.history_ttl_seconds,
             )
 
-    def _inspect(self, agent: AgentConfig, call: ToolCallRequest) -> ToolCallRequest:
+    def _inspect(self, agent: AgentConfig, tool_names: list[str], call: ToolCallRequest) -> ToolCallRequest:
         """Checks a call before anything runs: is the tool available, are the arguments valid, is approval needed?"""
-        if call.name not in agent.tools:
-            available = ", ".join(agent.tools) or "none"
+        if call.name not in tool_names:
+            available = ", ".join(tool_names) or "none"
             call.error = f"unknown tool {call.name!r}; available tools: {available}"
             return call
         try:
@@ -459,6 +466,11 @@ class RunActivities:
                     arguments = self._tools.parse_arguments(input.name, input.arguments)
                     result = await self._tools.run(input.name, arguments, context)
                 outcome = ToolOutcome(ToolCallStatus.COMPLETED, result=result)
+            except ToolUnavailableError as err:
+                if _attempts_left():
+                    raise ApplicationError(str(err), type=ErrorType.TOOL_UNAVAILABLE) from None
+                attempts = activity.info().attempt
+                outcome = ToolOutcome(ToolCallStatus.FAILED, error=f"{err} (tried {attempts} times)")
             except ToolError as err:
                 outcome = ToolOutcome(ToolCallStatus.FAILED, error=str(err))
             except Exception as err:
@@ -524,6 +536,13 @@ def _failure(err: Exception, published: int) -> ApplicationError:
     return ApplicationError(f"{type(err).__name__}: {err}", published, type=type(err).__name__)
 
 
+def _attempts_left() -> bool:
+    """Whether Temporal will try this activity again if it fails now."""
+    info = activity.info()
+    policy = info.retry_policy
+    return policy is None or not policy.maximum_attempts or info.attempt < policy.maximum_attempts
+
+
 def _retry_after(headers: Mapping[str, str]) -> timedelta | None:
     """The delay a model endpoint asks for (``retry-after-ms``, or ``retry-after`` in seconds or as a date); the
     headers are the response's, whose names match in any case."""
@@ -537,10 +556,6 @@ def _retry_after(headers: Mapping[str, str]) -> timedelta | None:
             moment = email.utils.parsedate_to_datetime(value)
             return max(timedelta(0), moment - datetime.now(UTC))
     return None
-
-
-def _offers_tools(input: CallModelInput) -> bool:
-    return bool(input.agent.tools) and not input.final_round
 
 
 def _request_options(agent: AgentConfig, tools: list[dict[str, Any]]) -> dict[str, Any]:

@@ -37,13 +37,15 @@ import random
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import SchemaError
+
+from shared.agents import AgentConfig
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,16 @@ class UnknownToolError(ToolError):
 
 class ToolArgumentError(ToolError):
     pass
+
+
+class ToolUnavailableError(ToolError):
+    """The service behind a tool cannot be reached now (an MCP server that is down, say): another attempt of the
+    call may succeed, so the activity fails and Temporal retries it; the last attempt tells the model."""
+
+
+def mcp_tool_name(server: str, tool: str) -> str:
+    """The name under which the model sees the tool ``tool`` of the MCP server ``server``."""
+    return f"mcp_{server}_{tool}"
 
 
 # JSON Schema counts 3.0 as an integer; a Python function annotated ``int`` should never receive a float.
@@ -218,6 +230,8 @@ class ToolRegistry:
 
     def __init__(self, tools: Iterable[Tool] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        # The names of the tools that each MCP server offers, as last listed.
+        self._mcp: dict[str, list[str]] = {}
         for t in tools:
             self.register(t)
 
@@ -226,6 +240,35 @@ class ToolRegistry:
             raise ValueError(f"a tool named {tool.name!r} is already registered")
         self._tools[tool.name] = tool
         return tool
+
+    def set_mcp_tools(self, server: str, tools: Iterable[Tool]) -> None:
+        """Makes ``tools`` (named with mcp_tool_name) the whole of what ``server`` offers: its tools as listed at
+        the worker's start, and again at each refresh."""
+        tools = list(tools)
+        old = set(self._mcp.get(server, ()))
+        clash = [t.name for t in tools if t.name in self._tools and t.name not in old]
+        if clash:
+            raise ValueError(f"MCP server {server!r}: tool names {clash} are taken by Python tools")
+        for name in old:
+            del self._tools[name]
+        self._tools.update((t.name, t) for t in tools)
+        self._mcp[server] = [t.name for t in tools]
+
+    def agent_tools(self, agent: AgentConfig, snapshot: Mapping[str, str] | None = None) -> list[str]:
+        """The tools the agent's model is offered: the ones it names, and the tools of its MCP servers that its
+        filters let through.
+
+        A run keeps the MCP tools it started with: once its first round recorded ``snapshot`` (name to schema
+        digest), its MCP tools are those, whatever a refresh listed since; a tool a server adds is for new runs.
+        """
+        names = list(agent.tools)
+        for use in agent.mcp_servers:
+            prefix = mcp_tool_name(use.server, "")
+            if snapshot:
+                names += [name for name in snapshot if name.startswith(prefix)]
+            else:
+                names += [name for name in self._mcp.get(use.server, ()) if use.admits(name.removeprefix(prefix))]
+        return names
 
     def get(self, name: str) -> Tool:
         try:

@@ -16,10 +16,11 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from shared import telemetry
-from shared.agents import AgentConfig, AgentConfigError, load_agents
+from shared.agents import AgentConfig, AgentConfigError, load_agents, load_mcp_servers
 from shared.conversations import ConversationStore
 from shared.run_stream import RunStreamWriter
 from shared.settings import OFFLINE_API_KEY, Settings, connect_redis, connect_temporal, stop_on_signals
+from worker._mcp import McpServers
 from worker.activities import HEARTBEAT_INTERVAL_SECONDS, RunActivities
 from worker.tools import ToolRegistry, default_registry
 from worker.workflows import AgentRunWorkflow
@@ -143,19 +144,24 @@ async def run_worker(
     """Runs the worker until ``stop`` is set or the process gets SIGINT/SIGTERM, then drains: the calls in flight
     get ``shutdown_grace_seconds`` to finish before they are cancelled."""
     agents = load_agents(settings.agents_file)
+    mcp_servers = load_mcp_servers(settings.agents_file)
     stop = stop or stop_on_signals()
     telemetry.setup("agentrun-worker")
     client = await connect_temporal(settings)
     redis_client = connect_redis(settings, name="agentrun-worker", wait_out_outages=True)
     await redis_client.ping()
+    tools = default_registry(settings.tool_modules)
     try:
-        async with model_client(settings) as model:
+        # Every MCP server an agent uses is connected and its tools listed before the worker takes any task: one
+        # that cannot be reached stops the start with McpServerError naming it.
+        async with McpServers.used_by(agents.values(), mcp_servers, tools), model_client(settings) as model:
             worker = build_worker(
                 client,
                 settings,
                 redis_client=redis_client,
                 model=model,
                 agents=agents,
+                tools=tools,
                 shutdown_grace_seconds=shutdown_grace_seconds,
             )
             async with worker:

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import pytest
 
+from shared.agents import AgentConfig, McpServerUse
 from worker.tools import (
     Tool,
     ToolArgumentError,
@@ -21,6 +22,7 @@ from worker.tools import (
     current_time,
     default_registry,
     echo,
+    mcp_tool_name,
     random_number,
     tool,
 )
@@ -333,3 +335,45 @@ def test_the_default_registry_adds_the_tools_of_named_modules() -> None:
     registry = default_registry(["tests.worker.extra_tools"])
     assert "shout" in registry.names()
     assert set(registry.names()) >= {"calculator", "current_time", "echo", "random"}
+
+
+def _mcp_tool(server: str, name: str, schema: dict[str, object] | None = None) -> Tool:
+    return Tool(mcp_tool_name(server, name), name, schema or {"type": "object"}, fn=lambda: name)
+
+
+def test_an_agent_is_offered_the_mcp_tools_its_filters_let_through() -> None:
+    registry = default_registry()
+    registry.set_mcp_tools("files", [_mcp_tool("files", n) for n in ("read_file", "read_secrets", "write_file")])
+    registry.set_mcp_tools("web", [_mcp_tool("web", "fetch")])
+    agent = AgentConfig(
+        name="a",
+        model="m",
+        tools=("echo",),
+        mcp_servers=(McpServerUse("files", allow=("read_*",), deny=("read_secrets",)), McpServerUse("web")),
+    )
+
+    assert registry.agent_tools(agent) == ["echo", "mcp_files_read_file", "mcp_web_fetch"]
+
+
+def test_a_refresh_replaces_a_servers_tools_but_a_run_keeps_those_it_started_with() -> None:
+    registry = default_registry()
+    registry.set_mcp_tools("files", [_mcp_tool("files", "read_file")])
+    agent = AgentConfig(name="a", model="m", mcp_servers=(McpServerUse("files"),))
+    snapshot = {name: registry.get(name).digest() for name in registry.agent_tools(agent)}
+
+    changed: dict[str, object] = {"type": "object", "properties": {"path": {"type": "string"}}}
+    registry.set_mcp_tools("files", [_mcp_tool("files", "read_file", changed), _mcp_tool("files", "stat")])
+
+    assert registry.agent_tools(agent) == ["mcp_files_read_file", "mcp_files_stat"]
+    assert registry.agent_tools(agent, snapshot) == ["mcp_files_read_file"]
+    assert registry.get("mcp_files_read_file").digest() != snapshot["mcp_files_read_file"]
+    registry.set_mcp_tools("files", [])
+    assert not registry.has("mcp_files_read_file") and "echo" in registry.names()
+
+
+def test_an_mcp_tool_cannot_take_the_name_of_a_python_tool() -> None:
+    registry = default_registry()
+    registry.register(Tool("mcp_files_read", "A Python tool.", {"type": "object"}, fn=lambda: ""))
+    with pytest.raises(ValueError, match=r"MCP server 'files': tool names \['mcp_files_read'\] are taken"):
+        registry.set_mcp_tools("files", [_mcp_tool("files", "read")])
+    assert registry.get("mcp_files_read").description == "A Python tool."
