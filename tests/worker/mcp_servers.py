@@ -65,6 +65,19 @@ def grow() -> str:
     return "multiply added"
 
 
+def add_three(a: int, b: int, c: int = 0) -> int:
+    """Adds two or three integers."""
+    return a + b + c
+
+
+@server.tool()
+def reshape() -> str:
+    """Gives the tool 'add' a third argument, as a server's deploy would."""
+    server.remove_tool("add")
+    server.add_tool(add_three, name="add")
+    return "add reshaped"
+
+
 @server.tool()
 def crash_once(marker: str) -> str:
     """Kills the server's process the first time (when the marker file does not exist yet)."""

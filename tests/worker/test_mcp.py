@@ -87,7 +87,7 @@ def agents_file(tmp_path: Path, remote: HttpServer, monkeypatch: pytest.MonkeyPa
                 "model": "offline",
                 "tools": ["echo"],
                 "mcp_servers": {
-                    "local": {"deny": ["secret", "grow"]},
+                    "local": {"deny": ["secret", "grow", "re*"]},
                     "remote": {"allow": ["add", "authorization", "fail", "secret"], "deny": ["secret"]},
                 },
             },
@@ -257,30 +257,47 @@ async def test_an_agent_with_only_mcp_tools_gets_no_tools_in_its_last_round(mcp:
     assert "tools" not in last and "Answer now" in last["messages"][-1]["content"]
 
 
-async def test_a_refresh_offers_new_tools_to_new_runs_while_a_running_run_keeps_its_own(mcp: McpStack) -> None:
-    stack = mcp.stack
-    key = stack.model.script(calls(("mcp_remote_grow", {}), ("echo", {"text": "wait"})), {"text": "grown"})
+async def first_call_waiting_for_approval(stack: Stack, tool: str) -> tuple[str, str, str]:
+    """Starts a run of 'growing' whose first round calls ``tool`` beside an echo that waits for approval; once
+    ``tool`` has finished, returns the run id, its script key and the approval id."""
+    key = stack.model.script(calls((tool, {}), ("echo", {"text": "wait"})), {"text": "done"})
     run_id = await stack.client.start_run("growing", key)
     seen: dict[str | None, pb.RunEvent] = {}
     async for event in stack.client.stream_run(run_id):
         seen.setdefault(event.WhichOneof("kind"), event)
         if {"approval_requested", "tool_call_finished"} <= set(seen):
             break
-    requested = seen["approval_requested"]
-    # grow ran beside the echo that waits for approval: the server now has 'multiply'.
-    assert seen["tool_call_finished"].tool_call_finished.result == "multiply added"
-    await mcp.servers.refresh("remote")
+    assert seen["tool_call_finished"].tool_call_finished.status == pb.TOOL_CALL_STATUS_COMPLETED
+    return run_id, key, seen["approval_requested"].approval_requested.approval_id
+
+
+async def test_a_refresh_offers_new_tools_to_new_runs_while_a_running_run_keeps_its_own(mcp: McpStack) -> None:
+    stack = mcp.stack
+    run_id, key, approval_id = await first_call_waiting_for_approval(stack, "mcp_remote_grow")
+    await mcp.servers.refresh("remote")  # the server has 'multiply' now
     later = stack.model.script({"text": "hi"})
     await collect(stack, await stack.client.start_run("growing", later))
 
-    await approve(stack, run_id, requested.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    await approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE)
     events = await collect(stack, run_id)
 
-    assert events[-1].run_completed.output == "grown"
+    assert events[-1].run_completed.output == "done"
     first, second = stack.model.server.requests_for(key)
-    assert "mcp_remote_multiply" not in offered(first) | offered(second)
-    assert offered(first) == offered(second)
-    assert "mcp_remote_multiply" in offered(stack.model.server.requests_for(later)[0])
+    assert "mcp_remote_add" in offered(first) and offered(first) == offered(second)
+    assert "mcp_remote_multiply" not in offered(second)
+    assert offered(stack.model.server.requests_for(later)[0]) == offered(first) | {"mcp_remote_multiply"}
+
+
+async def test_a_tool_whose_schema_changed_under_a_running_run_fails_it_naming_the_tool(mcp: McpStack) -> None:
+    stack = mcp.stack
+    run_id, key, approval_id = await first_call_waiting_for_approval(stack, "mcp_remote_reshape")
+    await mcp.servers.refresh("remote")  # 'add' takes a third argument now
+
+    await approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE)
+    events = await collect(stack, run_id)
+
+    assert "its tool 'mcp_remote_add' takes other arguments than when the run started" in events[-1].run_failed.error
+    assert len(stack.model.server.requests_for(key)) == 1
 
 
 async def test_a_worker_refuses_to_start_naming_each_server_it_cannot_reach(
