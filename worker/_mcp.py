@@ -162,6 +162,7 @@ class McpServers:
         self._sessions = {config.name: _Session(config) for config in configs}
         self._registry = registry
         self._refreshing: list[asyncio.Task[None]] = []
+        self._listed: dict[str, list[Tool]] = {}
 
     @classmethod
     def used_by(
@@ -202,6 +203,9 @@ class McpServers:
         session = self._sessions[server]
         try:
             client = await session.client()
+        except ToolUnavailableError as err:
+            raise McpServerError(str(err)) from None
+        try:
             listed = []
             cursor = None
             for _ in range(_MAX_LIST_PAGES):
@@ -210,8 +214,6 @@ class McpServers:
                 cursor = page.next_cursor
                 if cursor is None:
                     break
-        except ToolUnavailableError as err:
-            raise McpServerError(str(err)) from None
         except Exception as err:
             await session.discard(client)
             raise McpServerError(f"MCP server {server!r} could not list its tools: {_reason(err)}") from None
@@ -228,7 +230,10 @@ class McpServers:
                 )
             except ValueError as err:
                 log.warning("MCP server %r: tool %r is left out: %s", server, listed_tool.name, err)
+        if {t.name: t.digest() for t in tools} != {t.name: t.digest() for t in self._listed.get(server, [])}:
+            log.info("MCP server %r offers %s", server, ", ".join(t.name for t in tools) or "no tools")
         self._registry.set_mcp_tools(server, tools)
+        self._listed[server] = tools
 
     async def _refresh_every(self, config: McpServerConfig) -> None:
         while True:
@@ -272,9 +277,6 @@ class McpServers:
                     f"{config.call_timeout_seconds:g} s"
                 ) from None
             raise ToolError(f"MCP server {server!r} refused the call of {tool!r}: {err.message}") from None
-        except (OSError, httpx2.TransportError) as err:
-            await session.discard(client)
-            raise ToolUnavailableError(f"MCP server {server!r} cannot be reached: {_reason(err)}") from None
         text = _text(result)
         if result.is_error:
             raise ToolError(f"MCP server {server!r}, tool {tool!r}: {text}")

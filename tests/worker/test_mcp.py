@@ -19,7 +19,7 @@ from agentrun.v1 import agent_service_pb2 as pb
 from devstack.stack import free_port
 from shared.agents import load_mcp_servers
 from shared.settings import Settings
-from tests.agent_service.test_agent_loop import approve, calls, tool_messages
+from tests.agent_service.test_agent_loop import approve, calls, tool_messages, until
 from tests.agent_service.test_runs import collect
 from tests.conftest import Stack
 from tests.processes import service_env
@@ -71,6 +71,7 @@ async def remote() -> AsyncIterator[HttpServer]:
 def agents_file(tmp_path: Path, remote: HttpServer, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MCP_TEST_TOKEN", TOKEN)
     monkeypatch.setenv("MCP_TEST_GREETING", "hello from the worker")
+    monkeypatch.delenv("MCP_TEST_UNSET", raising=False)
     document = {
         "mcp_servers": {
             "local": {
@@ -81,6 +82,7 @@ def agents_file(tmp_path: Path, remote: HttpServer, monkeypatch: pytest.MonkeyPa
             },
             "remote": {"url": remote.url, "bearer_token_env": "MCP_TEST_TOKEN", "call_timeout_seconds": 20},
             "missing": {"command": str(tmp_path / "no-such-server")},
+            "unset": {"command": sys.executable, "env": {"KEY": "${MCP_TEST_UNSET}"}},
         },
         "agents": {
             "mcp": {
@@ -98,7 +100,12 @@ def agents_file(tmp_path: Path, remote: HttpServer, monkeypatch: pytest.MonkeyPa
                 "approval": {"require": ["echo"]},
                 "mcp_servers": {"remote": {}},
             },
-            "broken": {"model": "offline", "mcp_servers": {"missing": None}},
+            "guarded": {
+                "model": "offline",
+                "approval": {"require": ["mcp_remote_add"]},
+                "mcp_servers": {"remote": {"allow": ["add", "fail"]}},
+            },
+            "broken": {"model": "offline", "mcp_servers": {"missing": None, "unset": None}},
         },
     }
     path = tmp_path / "agents.yaml"
@@ -244,6 +251,23 @@ async def test_an_unreachable_server_during_a_call_is_retried_then_named_to_the_
     assert events[-1].run_completed.output == "the server is down"
 
 
+async def test_approval_policies_name_mcp_tools_as_the_model_sees_them(mcp: McpStack) -> None:
+    stack = mcp.stack
+    both = calls(("mcp_remote_add", {"a": 1, "b": 2}), ("mcp_remote_fail", {"reason": "x"}))
+    key = stack.model.script(both, {"text": "ok"})
+    run_id = await stack.client.start_run("guarded", key)
+    _, requested = await until(stack, run_id, "approval_requested")
+
+    assert requested.approval_requested.tool_name == "mcp_remote_add"
+    await approve(stack, run_id, requested.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    events = await collect(stack, run_id)
+
+    finished = {f.tool_name: f for f in finished_events(events)}
+    assert finished["mcp_remote_add"].result == "3"
+    assert finished["mcp_remote_fail"].status == pb.TOOL_CALL_STATUS_FAILED
+    assert [e.approval_requested.tool_name for e in events if e.HasField("approval_requested")] == ["mcp_remote_add"]
+
+
 async def test_an_agent_with_only_mcp_tools_gets_no_tools_in_its_last_round(mcp: McpStack) -> None:
     stack = mcp.stack
     key = stack.model.script(calls(("mcp_remote_add", {"a": 1, "b": 2})), {"text": "3"})
@@ -319,6 +343,9 @@ async def test_a_worker_refuses_to_start_naming_each_server_it_cannot_reach(
     assert f"MCP server 'missing' (stdio: {agents_file.parent / 'no-such-server'}) cannot be reached: " in message
     assert "FileNotFoundError" in message
     assert f"MCP server 'remote' (streamable HTTP: {load_mcp_servers(agents_file)['remote'].url}) cannot be" in message
+    assert "MCP server 'unset': env.KEY names ${MCP_TEST_UNSET}, which is not set in the worker's environment" in (
+        message
+    )
     assert "'local'" not in message
 
 
