@@ -232,7 +232,10 @@ class McpServers:
                 log.warning("MCP server %r: tool %r is left out: %s", server, listed_tool.name, err)
         if {t.name: t.digest() for t in tools} != {t.name: t.digest() for t in self._listed.get(server, [])}:
             log.info("MCP server %r offers %s", server, ", ".join(t.name for t in tools) or "no tools")
-        self._registry.set_mcp_tools(server, tools)
+        try:
+            self._registry.set_mcp_tools(server, tools)
+        except ValueError as err:
+            raise McpServerError(str(err)) from None
         self._listed[server] = tools
 
     async def _refresh_every(self, config: McpServerConfig) -> None:

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
@@ -76,6 +77,13 @@ def reshape() -> str:
     server.remove_tool("add")
     server.add_tool(add_three, name="add")
     return "add reshaped"
+
+
+@server.tool()
+async def sleep(seconds: float) -> str:
+    """Sleeps, to stand for a slow tool."""
+    await anyio.sleep(seconds)
+    return f"slept {seconds} s"
 
 
 @server.tool()

@@ -81,6 +81,12 @@ def agents_file(tmp_path: Path, remote: HttpServer, monkeypatch: pytest.MonkeyPa
                 "env": {"GREETING": "${MCP_TEST_GREETING}"},
             },
             "remote": {"url": remote.url, "bearer_token_env": "MCP_TEST_TOKEN", "call_timeout_seconds": 20},
+            "slow": {
+                "command": sys.executable,
+                "args": ["-m", "tests.worker.mcp_servers", "stdio"],
+                "cwd": str(REPO),
+                "call_timeout_seconds": 1,
+            },
             "missing": {"command": str(tmp_path / "no-such-server")},
             "unset": {"command": sys.executable, "env": {"KEY": "${MCP_TEST_UNSET}"}},
         },
@@ -89,7 +95,7 @@ def agents_file(tmp_path: Path, remote: HttpServer, monkeypatch: pytest.MonkeyPa
                 "model": "offline",
                 "tools": ["echo"],
                 "mcp_servers": {
-                    "local": {"deny": ["secret", "grow", "re*"]},
+                    "local": {"deny": ["secret", "grow", "re*", "sleep"]},
                     "remote": {"allow": ["add", "authorization", "fail", "secret"], "deny": ["secret"]},
                 },
             },
@@ -105,6 +111,7 @@ def agents_file(tmp_path: Path, remote: HttpServer, monkeypatch: pytest.MonkeyPa
                 "approval": {"require": ["mcp_remote_add"]},
                 "mcp_servers": {"remote": {"allow": ["add", "fail"]}},
             },
+            "impatient": {"model": "offline", "mcp_servers": {"slow": {"allow": ["sleep"]}}},
             "broken": {"model": "offline", "mcp_servers": {"missing": None, "unset": None}},
         },
     }
@@ -266,6 +273,25 @@ async def test_approval_policies_name_mcp_tools_as_the_model_sees_them(mcp: McpS
     assert finished["mcp_remote_add"].result == "3"
     assert finished["mcp_remote_fail"].status == pb.TOOL_CALL_STATUS_FAILED
     assert [e.approval_requested.tool_name for e in events if e.HasField("approval_requested")] == ["mcp_remote_add"]
+
+
+async def test_a_call_past_its_timeout_is_an_error_for_the_model_and_the_session_goes_on(stack: Stack) -> None:
+    tools = default_registry(stack.settings.tool_modules)
+    async with McpServers([load_mcp_servers(stack.settings.agents_file)["slow"]], tools):
+        await stack.restart_worker(tools=tools)
+        key = stack.model.script(
+            calls(("mcp_slow_sleep", {"seconds": 30})), calls(("mcp_slow_sleep", {"seconds": 0})), {"text": "ok"}
+        )
+        run_id = await stack.client.start_run("impatient", key)
+
+        events = await collect(stack, run_id)
+
+    late, quick = finished_events(events)
+    assert late.status == pb.TOOL_CALL_STATUS_FAILED
+    assert late.error == "MCP server 'slow' did not answer the call of 'sleep' within 1 s"
+    assert (quick.status, quick.result) == (pb.TOOL_CALL_STATUS_COMPLETED, "slept 0.0 s")
+    # A call that timed out is not tried again: it may still be running, and would be as slow again.
+    assert await run_tool_attempts(stack, run_id) == [1, 1]
 
 
 async def test_an_agent_with_only_mcp_tools_gets_no_tools_in_its_last_round(mcp: McpStack) -> None:
