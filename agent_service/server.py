@@ -34,7 +34,7 @@ from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 from shared import events, telemetry
-from shared.agents import AgentConfig, load_agents
+from shared.agents import AgentConfig, load_agents, sub_agent_snapshot
 from shared.contract import (
     DECIDE_APPROVAL_UPDATE,
     MEMO_AGENT,
@@ -50,6 +50,7 @@ from shared.conversations import ConversationStore
 from shared.events import is_terminal
 from shared.run_stream import (
     StartMark,
+    approval_run,
     is_known,
     is_pending_approval,
     last_event,
@@ -158,7 +159,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         try:
             started = self._temporal.start_workflow(
                 WORKFLOW_NAME,
-                RunInput(run_id, agent, request.input, conversation),
+                RunInput(run_id, agent, request.input, conversation, sub_agent_snapshot(self._agents, agent.name)),
                 id=run_id,
                 task_queue=self._settings.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -388,7 +389,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
         token = _temporal_page_token(request.page_token)
         page = self._temporal.list_workflows(
-            f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}'",
+            # Sub-agents' runs are part of their roots'.
+            f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}' "
+            "AND ParentWorkflowId IS NULL",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
             next_page_token=token,
         )
@@ -431,7 +434,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if telemetry.enabled():
             await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
-        recorded = await _runs.recorded_approval(execution, request.approval_id)
+        # A sub-agent's approval is answered through the root's id, and decided by the sub-agent's run.
+        target = await self._approval_run(request.run_id, request.approval_id)
+        asking = execution if target == request.run_id else await self._describe_sub_run(target, request.approval_id)
+        recorded = await _runs.recorded_approval(asking, request.approval_id)
         if recorded is None and not await self._is_pending_in_redis(request.run_id, request.approval_id):
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"approval {request.approval_id!r} does not exist")
         if recorded is not None and recorded.decision != Decision.PENDING:
@@ -448,7 +454,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         answer = ApprovalAnswer(
             request.approval_id, decision, approver, request.reason, arguments_sha256=request.arguments_sha256
         )
-        handle = _runs.handle(self._temporal, request.run_id)
+        handle = _runs.handle(self._temporal, target)
         try:
             # Temporal answers within APPROVE_ACCEPT_SECONDS when no worker takes the update; the outer bound is for a
             # Temporal that does not answer at all.
@@ -480,6 +486,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 raise _already_ended(request.run_id) from None
             raise
         return _approve_response(approval)
+
+    async def _approval_run(self, run_id: str, approval_id: str) -> str:
+        """The workflow that asked for an approval of the run: the run's own, or one of its sub-agents' runs."""
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            return await approval_run(self._redis, self._settings.redis_prefix, run_id, approval_id) or run_id
+        return run_id
+
+    async def _describe_sub_run(self, workflow_id: str, approval_id: str) -> WorkflowExecution:
+        try:
+            return await from_temporal(_runs.handle(self._temporal, workflow_id).describe())
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise ApiError(grpc.StatusCode.NOT_FOUND, f"approval {approval_id!r} does not exist") from None
+            raise
 
     async def _is_pending_in_redis(self, run_id: str, approval_id: str) -> bool:
         # Redis knows a request the moment it is published; the memo a moment later.
