@@ -16,8 +16,10 @@ from shared.contract import (
     MEMO_APPROVALS,
     MEMO_CONVERSATION,
     MEMO_LAST_SEQUENCE,
+    MEMO_SUB_AGENT_USAGE,
     MEMO_USAGE,
     WORKFLOW_NAME,
+    AgentUsage,
     Approval,
     Decision,
     RunEnd,
@@ -160,7 +162,19 @@ async def to_run(
         run.usage.CopyFrom(completed.usage)
         if completed.HasField("structured_output"):
             run.structured_output.CopyFrom(completed.structured_output)
+    if run.HasField("usage"):
+        run.usage_by_agent.extend(await _usage_by_agent(execution, run.agent, finished.outcome.usage))
     return run
+
+
+async def _usage_by_agent(execution: WorkflowExecution, agent: str, total: Usage) -> list[pb.AgentUsage]:
+    """The run's usage by agent: its sub-agents' parts as its memo records them, and the rest its own agent's."""
+    below: list[AgentUsage] = await execution.memo_value(MEMO_SUB_AGENT_USAGE, [], type_hint=list[AgentUsage])
+    own = total - sum((part.usage for part in below), Usage())
+    return [
+        pb.AgentUsage(agent_path=part.agent_path, usage=events.usage(part.usage))
+        for part in [AgentUsage([agent], own), *below]
+    ]
 
 
 async def terminal_event(execution: WorkflowExecution, finished: Ended) -> pb.RunEvent:

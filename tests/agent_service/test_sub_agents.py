@@ -4,6 +4,7 @@ usage rolled up, cancellation and failure, over the real stack."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 
 from agentrun.v1 import agent_service_pb2 as pb
+from shared.contract import RunResult
+from shared.events import usage as events_usage
 from tests.agent_service.test_agent_loop import approve, calls, tool_messages, until
 from tests.agent_service.test_runs import collect, kinds, text_of, wait_for_state
 from tests.conftest import Stack
@@ -26,6 +29,14 @@ def paths(events: list[pb.RunEvent]) -> list[str]:
 
 def offered(request: dict[str, Any]) -> set[str]:
     return {t["function"]["name"] for t in request.get("tools", [])}
+
+
+def total(usages: Iterable[pb.Usage]) -> pb.Usage:
+    summed = pb.Usage()
+    for usage in usages:
+        for field in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens"):
+            setattr(summed, field, getattr(summed, field) + getattr(usage, field))
+    return summed
 
 
 def steps(events: list[pb.RunEvent]) -> list[tuple[str, str | None]]:
@@ -102,6 +113,29 @@ async def test_a_grandchild_runs_within_the_depth_limit_as_a_child_workflow_of_i
             break
         await asyncio.sleep(0.1)
     assert listed == [run_id]
+
+
+async def test_sub_agents_usage_is_in_the_roots_with_a_part_per_agent(stack: Stack) -> None:
+    grandchild = stack.model.script({"text": "fetched it all"})
+    child = stack.model.script(delegate("fetcher", f"{grandchild} fetch"), {"text": "researched"})
+    root = stack.model.script(delegate("researcher", f"{child} research"), {"text": "planned it"})
+    run_id = await stack.client.start_run("planner", root)
+    events = await collect(stack, run_id)
+    started = [e.tool_call_started for e in events if e.HasField("tool_call_started")]
+    child_id = f"{run_id}/{started[0].call_id}"
+    child_result = await stack.temporal.get_workflow_handle(child_id, result_type=RunResult).result()
+    grandchild_id = f"{child_id}/{started[1].call_id}"
+    grandchild_result = await stack.temporal.get_workflow_handle(grandchild_id, result_type=RunResult).result()
+
+    run = await wait_for_state(stack, run_id, pb.RUN_STATE_COMPLETED)
+
+    assert run.usage == events[-1].run_completed.usage
+    parts = {"/".join(part.agent_path): part.usage for part in run.usage_by_agent}
+    assert list(parts) == ["planner", "planner/researcher", "planner/researcher/fetcher"]
+    assert total(parts.values()) == run.usage
+    assert parts["planner/researcher/fetcher"] == events_usage(grandchild_result.usage)
+    assert total([parts["planner/researcher"], parts["planner/researcher/fetcher"]]) == events_usage(child_result.usage)
+    assert all(part.prompt_tokens > 0 and part.completion_tokens > 0 for part in parts.values())
 
 
 async def test_past_the_depth_limit_no_delegation_tool_is_offered(stack: Stack) -> None:

@@ -690,6 +690,7 @@ class Run(_message.Message):
     PENDING_APPROVALS_FIELD_NUMBER: _builtins.int
     DECIDED_APPROVALS_FIELD_NUMBER: _builtins.int
     STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
+    USAGE_BY_AGENT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The id of the run."""
     agent: _builtins.str
@@ -704,7 +705,9 @@ class Run(_message.Message):
     """The conversation the run belongs to, if any."""
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """The tokens the run used, once it has completed."""
+        """The tokens the run used, once it has completed or was cancelled; its
+        sub-agents' runs included.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -726,6 +729,13 @@ class Run(_message.Message):
     def structured_output(self) -> _struct_pb2.Value:
         """The answer parsed as JSON, when the agent declares an output schema."""
 
+    @_builtins.property
+    def usage_by_agent(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentUsage]:
+        """The usage split by agent, when usage is set: the run's own agent first,
+        then each sub-agent that finished its work, once per agent path. The
+        parts add up to usage.
+        """
+
     def __init__(
         self,
         *,
@@ -741,14 +751,49 @@ class Run(_message.Message):
         pending_approvals: _abc.Iterable[Global___ApprovalRequested] | None = ...,
         decided_approvals: _abc.Iterable[Global___ApprovalDecided] | None = ...,
         structured_output: _struct_pb2.Value | None = ...,
+        usage_by_agent: _abc.Iterable[Global___AgentUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "conversation_id", b"conversation_id", "create_time", b"create_time", "decided_approvals", b"decided_approvals", "end_time", b"end_time", "error", b"error", "output", b"output", "pending_approvals", b"pending_approvals", "run_id", b"run_id", "state", b"state", "structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "conversation_id", b"conversation_id", "create_time", b"create_time", "decided_approvals", b"decided_approvals", "end_time", b"end_time", "error", b"error", "output", b"output", "pending_approvals", b"pending_approvals", "run_id", b"run_id", "state", b"state", "structured_output", b"structured_output", "usage", b"usage", "usage_by_agent", b"usage_by_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class AgentUsage(_message.Message):
+    """AgentUsage is the part of a run's usage that one agent of its tree used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_PATH_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents from the root of the run to this one, as in
+        RunEvent.agent_path: a single name for the run's own agent.
+        """
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """The tokens that the model calls of this agent's runs used, without those
+        of the sub-agents it delegated to.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent_path: _abc.Iterable[_builtins.str] | None = ...,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentUsage: _TypeAlias = AgentUsage  # noqa: Y015
 
 @_typing.final
 class ApproveRequest(_message.Message):
