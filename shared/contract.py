@@ -110,8 +110,10 @@ class AgentUsage:
 
 @dataclass
 class Delegation:
-    """Where a sub-agent's run stands in its tree (its workflow id is derived from its parent's and the call's)."""
+    """Where a sub-agent's run stands in its tree."""
 
+    # The run's own id, its workflow id: its parent's and the delegating call's ("<parent>/<call id>").
+    sub_run: str
     # The agents from the root of the run to this one.
     agent_path: list[str]
     # The root run's task queue: the queue of sub-agents that name none of their own.

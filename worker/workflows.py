@@ -354,7 +354,7 @@ class AgentRunWorkflow:
             self._agent_path = [input.agent.name]
         else:
             self._agent_path = list(input.delegation.agent_path)
-            self._sub_run = workflow.info().workflow_id
+            self._sub_run = input.delegation.sub_run
 
     def _writer_scope(self) -> str:
         # The writes of runs that share a stream must not share names, or the stream's dedupe would drop them.
@@ -376,21 +376,25 @@ class AgentRunWorkflow:
         cancellation path rather than being terminated.
         """
         sub = input.sub_agents[call.sub_agent]
-        tree = input.delegation or Delegation([], workflow.info().task_queue, input.agent.max_delegation_depth)
+        # A root run's tree: its id, its queue, and its agent's depth limit.
+        tree = input.delegation or Delegation(
+            input.run_id, [], workflow.info().task_queue, input.agent.max_delegation_depth
+        )
         path = [*self._agent_path, sub.name]
+        child_id = f"{tree.sub_run}/{call.call_id}"
         child = RunInput(
             input.run_id,
             sub,
             json.loads(call.arguments)["task"],
             sub_agents=sub_agent_snapshot(input.sub_agents, sub.name),
-            delegation=Delegation(path, tree.task_queue, tree.max_depth),
+            delegation=Delegation(child_id, path, tree.task_queue, tree.max_depth),
         )
         try:
             result: RunResult = await workflow.execute_child_workflow(
                 WORKFLOW_NAME,
                 child,
                 result_type=RunResult,
-                id=f"{workflow.info().workflow_id}/{call.call_id}",
+                id=child_id,
                 task_queue=sub.task_queue or tree.task_queue,
                 cancellation_type=workflow.ChildWorkflowCancellationType.TRY_CANCEL,
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
