@@ -4,7 +4,9 @@ usage rolled up, cancellation and failure, over the real stack."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,11 +14,14 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 
 from agentrun.v1 import agent_service_pb2 as pb
-from shared.contract import RunResult
+from shared.agents import load_agents, sub_agent_snapshot
+from shared.contract import WORKFLOW_NAME, RunInput, RunResult
 from shared.events import usage as events_usage
 from tests.agent_service.test_agent_loop import approve, calls, tool_messages, until
 from tests.agent_service.test_runs import collect, kinds, text_of, wait_for_state
 from tests.conftest import Stack
+
+REPO = Path(__file__).parent.parent.parent
 
 
 def delegate(agent: str, task: str) -> dict[str, Any]:
@@ -235,3 +240,28 @@ async def test_cancelling_the_root_cancels_its_running_sub_agent(stack: Stack) -
         await child_run.result()
     assert isinstance(ended.value.cause, CancelledError)
     assert (await wait_for_state(stack, run_id, pb.RUN_STATE_CANCELLED)).error == ""
+
+
+async def test_the_shipped_planner_delegates_with_the_offline_model(stack: Stack) -> None:
+    shipped = REPO / "agents.yaml"
+    agents = load_agents(shipped)
+    await stack.restart_worker(agents_file=shipped)
+    run_id = f"run-{uuid.uuid4().hex}"
+    # Started as the server starts a run (its agents are the test suite's).
+    question = "What is 12 * (3 + 4)?"
+    started = RunInput(run_id, agents["planner"], question, sub_agents=sub_agent_snapshot(agents, "planner"))
+    await stack.temporal.start_workflow(WORKFLOW_NAME, started, id=run_id, task_queue=stack.settings.task_queue)
+
+    events = await collect(stack, run_id)
+
+    assert steps(events) == [
+        ("planner", "tool_call_started"),
+        ("planner/assistant", "tool_call_started"),
+        ("planner/assistant", "tool_call_finished"),
+        ("planner/assistant", "text_delta"),
+        ("planner", "tool_call_finished"),
+        ("planner", "text_delta"),
+        ("planner", "run_completed"),
+    ]
+    assert events[0].tool_call_started.tool_name == "delegate_to_assistant"
+    assert events[-1].run_completed.output.endswith("84")
