@@ -385,6 +385,10 @@ class RunActivities:
             # it published after its last heartbeat: numbers past a wide margin were surely never used.
             return _Resumed(floor=floor + LOST_SEQUENCE_MARGIN)
         earlier = await self._stream.read_after(input.run_id, input.after_sequence)
+        if input.sub_run:
+            # The root's stream has other runs' events too: a sibling sub-agent's text is not this call's. (Two
+            # sub-agent runs of one agent at once share a path; a retry may then repeat text, but never a number.)
+            earlier = [event for event in earlier if list(event.agent_path) == input.agent_path]
         text = "".join(event.text_delta.text for event in earlier if event.HasField("text_delta"))
         # A sub-agent's answer never ends the stream; the run_completed there is the root's.
         ended = earlier and earlier[-1].HasField("run_completed") and not input.sub_run

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from shared.events import usage as events_usage
 from tests.agent_service.test_agent_loop import approve, calls, tool_messages, until
 from tests.agent_service.test_runs import collect, kinds, text_of, wait_for_state
 from tests.conftest import Stack
+from worker.worker import build_worker
 
 REPO = Path(__file__).parent.parent.parent
 
@@ -141,6 +143,50 @@ async def test_sub_agents_usage_is_in_the_roots_with_a_part_per_agent(stack: Sta
     assert parts["planner/researcher/fetcher"] == events_usage(grandchild_result.usage)
     assert total([parts["planner/researcher"], parts["planner/researcher/fetcher"]]) == events_usage(child_result.usage)
     assert all(part.prompt_tokens > 0 and part.completion_tokens > 0 for part in parts.values())
+
+
+async def test_sub_agents_running_at_once_share_one_numbering_and_one_runs_on_its_own_queue(stack: Stack) -> None:
+    words = [f"w{i} " for i in range(30)]
+    near = stack.model.script({"chunks": [f"near-{w}" for w in words], "delay_ms": 5})
+    far = stack.model.script({"chunks": [f"far-{w}" for w in words], "delay_ms": 5})
+    root = stack.model.script(
+        calls(("delegate_to_researcher", {"task": f"{near} go"}), ("delegate_to_remote", {"task": f"{far} go"})),
+        {"text": "both done"},
+    )
+    remote_settings = replace(stack.settings, task_queue="agentrun-test-remote")
+    remote_worker = build_worker(
+        stack.temporal,
+        remote_settings,
+        redis_client=stack.redis,
+        model=stack.llm,
+        agents=load_agents(stack.settings.agents_file),
+        sandboxed=True,
+    )
+    async with remote_worker:
+        run_id = await stack.client.start_run("coordinator", root)
+        events = await collect(stack, run_id)
+
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert text_of([e for e in events if paths([e]) == ["coordinator/researcher"]]) == "".join(
+        f"near-{w}" for w in words
+    )
+    assert text_of([e for e in events if paths([e]) == ["coordinator/remote"]]) == "".join(f"far-{w}" for w in words)
+    results = {
+        e.tool_call_finished.tool_name: e.tool_call_finished.result for e in events if e.HasField("tool_call_finished")
+    }
+    assert results == {
+        "delegate_to_researcher": "".join(f"near-{w}" for w in words),
+        "delegate_to_remote": "".join(f"far-{w}" for w in words),
+    }
+    assert events[-1].run_completed.output == "both done"
+    started = {
+        e.tool_call_started.tool_name: e.tool_call_started.call_id
+        for e in events
+        if paths([e]) == ["coordinator"] and e.HasField("tool_call_started")
+    }
+    remote_run = await stack.temporal.get_workflow_handle(f"{run_id}/{started['delegate_to_remote']}").describe()
+    near_run = await stack.temporal.get_workflow_handle(f"{run_id}/{started['delegate_to_researcher']}").describe()
+    assert (remote_run.task_queue, near_run.task_queue) == ("agentrun-test-remote", stack.settings.task_queue)
 
 
 async def test_past_the_depth_limit_no_delegation_tool_is_offered(stack: Stack) -> None:
