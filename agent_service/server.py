@@ -334,9 +334,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 responses += _responses(terminal, after)
         return responses
 
-    async def _pending_approvals(self, run_id: str, execution: WorkflowExecution | None = None) -> list[pb.RunEvent]:
-        """The approval_requested events still waiting for an answer: as published, from Redis, which has them the
-        moment they are; rebuilt from the memo when Redis lost them (or is down)."""
+    async def _pending_approvals(
+        self, run_id: str, execution: WorkflowExecution | None = None, sub_runs: list[WorkflowExecution] | None = None
+    ) -> list[pb.RunEvent]:
+        """The approval_requested events still waiting for an answer (the sub-agents' runs' included): as published,
+        from Redis, which has them the moment they are; rebuilt from the memos when Redis lost them (or is down)."""
         prefix = self._settings.redis_prefix
         try:
             pending = await pending_approvals(self._redis, prefix, run_id)
@@ -344,7 +346,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 return pending
         except (redis.ConnectionError, redis.TimeoutError):
             pass
-        return await _runs.memo_pending_approvals(execution or await self._describe(run_id))
+        execution = execution or await self._describe(run_id)
+        if sub_runs is None:
+            sub_runs = await _runs.sub_runs(self._temporal, execution)
+        rebuilt = [event for run in [execution, *sub_runs] for event in await _runs.memo_pending_approvals(run)]
+        return sorted(rebuilt, key=lambda event: event.sequence)
 
     async def _ended_runs(self, run_ids: list[str]) -> set[str]:
         """Which of ``run_ids`` have ended, per Temporal's visibility store: one query per batch of runs."""
@@ -360,13 +366,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         _check_id("run_id", request.run_id, required=True)
         execution = await self._describe(request.run_id)
+        subs = await _runs.sub_runs(self._temporal, execution)  # their approvals are the run's
         if _runs.is_finished(execution):
-            return pb.GetRunResponse(run=await _runs.to_run(execution, await _runs.ended(self._temporal, execution)))
+            ended = await _runs.ended(self._temporal, execution)
+            return pb.GetRunResponse(run=await _runs.to_run(execution, ended, sub_runs=subs))
         announced = await self._announced_end(execution.id)
         if announced is not None:
-            return pb.GetRunResponse(run=await _runs.to_run(execution, _runs.Ended.announced(announced)))
-        pending = [_with_sequence(event) for event in await self._pending_approvals(execution.id, execution)]
-        return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending))
+            return pb.GetRunResponse(run=await _runs.to_run(execution, _runs.Ended.announced(announced), sub_runs=subs))
+        pending = [_with_sequence(event) for event in await self._pending_approvals(execution.id, execution, subs)]
+        return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending, sub_runs=subs))
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
         _check_id("run_id", request.run_id, required=True)
@@ -435,8 +443,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
         # A sub-agent's approval is answered through the root's id, and decided by the sub-agent's run.
-        target = await self._approval_run(request.run_id, request.approval_id)
-        asking = execution if target == request.run_id else await self._describe_sub_run(target, request.approval_id)
+        asking = await self._asking_run(execution, request.approval_id)
         recorded = await _runs.recorded_approval(asking, request.approval_id)
         if recorded is None and not await self._is_pending_in_redis(request.run_id, request.approval_id):
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"approval {request.approval_id!r} does not exist")
@@ -454,7 +461,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         answer = ApprovalAnswer(
             request.approval_id, decision, approver, request.reason, arguments_sha256=request.arguments_sha256
         )
-        handle = _runs.handle(self._temporal, target)
+        handle = _runs.handle(self._temporal, asking.id)
         try:
             # Temporal answers within APPROVE_ACCEPT_SECONDS when no worker takes the update; the outer bound is for a
             # Temporal that does not answer at all.
@@ -487,19 +494,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise
         return _approve_response(approval)
 
-    async def _approval_run(self, run_id: str, approval_id: str) -> str:
-        """The workflow that asked for an approval of the run: the run's own, or one of its sub-agents' runs."""
-        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            return await approval_run(self._redis, self._settings.redis_prefix, run_id, approval_id) or run_id
-        return run_id
+    async def _asking_run(self, execution: WorkflowExecution, approval_id: str) -> WorkflowExecution:
+        """The workflow that asked for an approval of the run: the run's own, or one of its sub-agents' runs.
 
-    async def _describe_sub_run(self, workflow_id: str, approval_id: str) -> WorkflowExecution:
-        try:
-            return await from_temporal(_runs.handle(self._temporal, workflow_id).describe())
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise ApiError(grpc.StatusCode.NOT_FOUND, f"approval {approval_id!r} does not exist") from None
-            raise
+        Redis records which sub-agent's run asked the moment it asks; without that record, the memos of the run
+        and of its sub-agents' runs tell. An approval that none knows yet is the run's own (see Approve).
+        """
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            asking = await approval_run(self._redis, self._settings.redis_prefix, execution.id, approval_id)
+            if asking is not None:
+                return await from_temporal(_runs.handle(self._temporal, asking).describe())
+        if await _runs.recorded_approval(execution, approval_id) is not None:
+            return execution
+        for sub in await _runs.sub_runs(self._temporal, execution):
+            if await _runs.recorded_approval(sub, approval_id) is not None:
+                return sub
+        return execution
 
     async def _is_pending_in_redis(self, run_id: str, approval_id: str) -> bool:
         # Redis knows a request the moment it is published; the memo a moment later.

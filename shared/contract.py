@@ -26,6 +26,9 @@ MEMO_APPROVALS = "approvals"
 MEMO_USAGE = "usage"
 # The tokens each sub-agent below the run used (a list of AgentUsage), recorded as each delegation ends.
 MEMO_SUB_AGENT_USAGE = "sub_agent_usage"
+# The workflow ids of the sub-agents' runs that the run started, recorded as each starts: with theirs, where to
+# look for their approvals when Redis no longer knows which run asked.
+MEMO_SUB_RUNS = "sub_runs"
 
 # The approver recorded when an approval's deadline decides it.
 TIMEOUT_APPROVER = "agentrun:timeout"

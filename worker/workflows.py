@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         MEMO_APPROVALS,
         MEMO_LAST_SEQUENCE,
         MEMO_SUB_AGENT_USAGE,
+        MEMO_SUB_RUNS,
         MEMO_USAGE,
         TIMEOUT_APPROVER,
         WORKFLOW_NAME,
@@ -98,6 +99,7 @@ class AgentRunWorkflow:
         # What the sub-agents' runs used: in all, not yet added to the run's usage, and per agent path below this run.
         self._delegated_usage = Usage()
         self._sub_agent_usage: dict[tuple[str, ...], Usage] = {}
+        self._sub_runs: list[str] = []
         self._approvals: dict[str, Approval] = {}
         self._last_sequence = 0
         self._batches = 0
@@ -389,6 +391,8 @@ class AgentRunWorkflow:
             sub_agents=sub_agent_snapshot(input.sub_agents, sub.name),
             delegation=Delegation(child_id, path, tree.task_queue, tree.max_depth),
         )
+        self._sub_runs.append(child_id)
+        workflow.upsert_memo({MEMO_SUB_RUNS: self._sub_runs})
         try:
             result: RunResult = await workflow.execute_child_workflow(
                 WORKFLOW_NAME,

@@ -246,6 +246,33 @@ async def test_a_sub_agents_approval_is_answered_through_the_root_run(stack: Sta
     # Deciding again the same way answers with the decision recorded, after the run has ended too.
     again = await approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_APPROVE)
     assert (again.decision, again.approver, again.reason) == (pb.APPROVAL_DECISION_APPROVE, "alice", "fine")
+    done = await wait_for_state(stack, run_id, pb.RUN_STATE_COMPLETED)
+    assert [(d.approval_id, d.tool_name, d.approver) for d in done.decided_approvals] == [
+        (approval_id, "echo", "alice")
+    ]
+
+
+async def test_a_sub_agents_approval_reaches_it_through_the_memos_when_redis_forgot_which_run_asked(
+    stack: Stack,
+) -> None:
+    child = stack.model.script(calls(("echo", {"text": "again"})), {"text": "echoed"})
+    root = stack.model.script(delegate("vetted", f"{child} echo"), {"text": "done"})
+    run_id = await stack.client.start_run("manager", root)
+    started, requested = await until(stack, run_id, "approval_requested")
+    approval_id = requested.approval_requested.approval_id
+    child_run = stack.temporal.get_workflow_handle(f"{run_id}/{started[0].tool_call_started.call_id}")
+    for _ in range(200):  # the memo follows the published request by a moment
+        if (await (await child_run.describe()).memo()).get("approvals"):
+            break
+        await asyncio.sleep(0.05)
+    await stack.redis.delete(f"{stack.settings.redis_prefix}run:{{{run_id}}}:approval-runs")
+
+    answer = await approve(stack, run_id, approval_id, pb.APPROVAL_DECISION_DENY, "not today")
+    events = await collect(stack, run_id, after=requested.sequence)
+
+    assert (answer.decision, answer.reason) == (pb.APPROVAL_DECISION_DENY, "not today")
+    assert events[0].approval_decided.approval_id == approval_id
+    assert events[-1].run_completed.output == "done"
 
 
 async def test_a_delegation_follows_the_approval_policy_like_any_tool(stack: Stack) -> None:
