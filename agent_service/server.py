@@ -422,6 +422,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     model=agent.model,
                     tools=agent.tools,
                     approval_policy=agent.approval.policy,
+                    sub_agents=agent.sub_agents,
                 )
                 for _, agent in sorted(self._agents.items())
             ]
@@ -480,7 +481,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise ApiError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no worker took the decision for run {request.run_id!r} within {APPROVE_ACCEPT_SECONDS:g} s (is a "
-                f"worker serving task queue {self._settings.task_queue!r}?); it may still take effect when a worker "
+                f"worker serving task queue {asking.task_queue!r}?); it may still take effect when a worker "
                 "returns: send the same decision again, which is answered with the decision recorded",
             ) from None
         except WorkflowUpdateFailedError as err:

@@ -301,6 +301,7 @@ async def test_agents_lists_the_configured_agents_and_an_unknown_agent_is_told_t
     assert names == configured
     assert "careful  Every tool call needs approval; a missed deadline denies.\n" in out
     assert "  model: offline; tools: calculator, echo; approval: require_all\n" in out
+    assert "  model: offline; tools: none; sub-agents: researcher; approval: auto\n" in out  # the planner
 
     code, out, err = await agentrun(stack, "run", "nosuch", "hello")
 

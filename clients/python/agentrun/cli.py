@@ -491,7 +491,8 @@ async def _client_command(args: argparse.Namespace) -> int:
             for agent in await client.list_agents():
                 print(f"{agent.name}  {agent.description}".rstrip())
                 tools = ", ".join(agent.tools) or "none"
-                print(f"  model: {agent.model}; tools: {tools}; approval: {agent.approval_policy}")
+                delegates = f"; sub-agents: {', '.join(agent.sub_agents)}" if agent.sub_agents else ""
+                print(f"  model: {agent.model}; tools: {tools}{delegates}; approval: {agent.approval_policy}")
             return 0
     raise AssertionError(args.command)
 

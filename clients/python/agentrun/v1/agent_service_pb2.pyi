@@ -270,7 +270,12 @@ class RunEvent(_message.Message):
     @_builtins.property
     def agent_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The agents from the root of the run to the one that emitted the event;
-        empty or a single name for the root agent.
+        empty or a single name for the root agent, for example
+        ["planner", "researcher"] for a sub-agent the planner delegated to. A
+        sub-agent's events come in the root run's stream, numbered with it; a
+        sub-agent never emits a terminal event (the delegation's
+        tool_call_finished carries its answer or its error), so the only
+        terminal event of a stream is the root run's.
         """
 
     @_builtins.property
@@ -719,11 +724,13 @@ class Run(_message.Message):
 
     @_builtins.property
     def pending_approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalRequested]:
-        """The approval requests that wait for an answer."""
+        """The approval requests that wait for an answer, its sub-agents' included."""
 
     @_builtins.property
     def decided_approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalDecided]:
-        """The approval requests that were answered, in order."""
+        """The approval requests that were answered, in order, its sub-agents'
+        included.
+        """
 
     @_builtins.property
     def structured_output(self) -> _struct_pb2.Value:
@@ -1067,6 +1074,7 @@ class Agent(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     APPROVAL_POLICY_FIELD_NUMBER: _builtins.int
+    SUB_AGENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name that StartRunRequest.agent takes."""
     description: _builtins.str
@@ -1079,6 +1087,12 @@ class Agent(_message.Message):
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tools the agent may call."""
 
+    @_builtins.property
+    def sub_agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents it may delegate to, each offered to its model as the tool
+        "delegate_to_<name>".
+        """
+
     def __init__(
         self,
         *,
@@ -1087,10 +1101,11 @@ class Agent(_message.Message):
         model: _builtins.str = ...,
         tools: _abc.Iterable[_builtins.str] | None = ...,
         approval_policy: _builtins.str = ...,
+        sub_agents: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_policy", b"approval_policy", "description", b"description", "model", b"model", "name", b"name", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_policy", b"approval_policy", "description", b"description", "model", b"model", "name", b"name", "sub_agents", b"sub_agents", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
