@@ -104,6 +104,12 @@ def _approval_runs_key(prefix: str, run_id: str) -> str:
     return _key(prefix, run_id, "approval-runs")
 
 
+def writer_name(sub_run: str, name: str) -> str:
+    """The name of a writer in a run's stream. A sub-agent's run (``sub_run``, its workflow id) shares its root's
+    stream, so its writers' names carry its id: the dedupe of one run's batches never drops another run's."""
+    return f"{sub_run}/{name}" if sub_run else name
+
+
 def _marker(event: pb.RunEvent) -> str:
     if event.HasField("approval_requested"):
         return "+" + event.approval_requested.approval_id

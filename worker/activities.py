@@ -38,7 +38,7 @@ from shared.contract import (
     Usage,
 )
 from shared.conversations import ConversationStore
-from shared.run_stream import AppendResult, RunStreamWriter
+from shared.run_stream import AppendResult, RunStreamWriter, writer_name
 from worker import _telemetry
 from worker.tools import ToolContext, ToolError, ToolRegistry
 
@@ -101,7 +101,7 @@ class _TextPublisher:
         self._run_id = input.run_id
         self._agent_path = input.agent_path
         # Each batch is named, so that Redis adds nothing when a lost reply makes the client send it again.
-        self._name = _writer(input.sub_run, f"model:{input.round}")
+        self._name = writer_name(input.sub_run, f"model:{input.round}")
         self._batch_prefix = f"{activity.info().attempt}:"
         self._batches = 0
         self._already_sent = resumed.already_sent
@@ -423,7 +423,7 @@ class RunActivities:
                 [events.tool_call_started(call) for call in reply.tool_calls],
                 floor=reply.last_sequence,
                 agent_path=input.agent_path,
-                writer=_writer(input.sub_run, f"started:{input.round}"),
+                writer=writer_name(input.sub_run, f"started:{input.round}"),
             )
             reply.last_sequence = result.last_sequence
         elif agent.output_schema is not None:
@@ -503,7 +503,7 @@ class RunActivities:
             [events.tool_call_finished(input.call_id, input.name, outcome)],
             floor=input.after_sequence,
             agent_path=input.agent_path,
-            writer=_writer(input.sub_run, f"finished:{input.call_id}"),
+            writer=writer_name(input.sub_run, f"finished:{input.call_id}"),
         )
         outcome.last_sequence = published.last_sequence
         return outcome
@@ -578,11 +578,6 @@ def _retry_after(headers: Mapping[str, str]) -> timedelta | None:
 
 def _offers_tools(input: CallModelInput) -> bool:
     return bool(input.agent.tools or input.sub_agents) and not input.final_round
-
-
-def _writer(sub_run: str, name: str) -> str:
-    """A writer's name in the run's stream: a sub-agent's run shares the root's stream, so its names carry its id."""
-    return f"{sub_run}/{name}" if sub_run else name
 
 
 def _delegation_spec(sub_agent: str, description: str) -> dict[str, Any]:

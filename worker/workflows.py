@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         Usage,
         WorkflowEvent,
     )
+    from shared.run_stream import writer_name
     from worker.activities import RunActivities
 
 MODEL_CALL_TIMEOUT = timedelta(minutes=10)
@@ -310,7 +311,7 @@ class AgentRunWorkflow:
                 self._run_id,
                 self._last_sequence,
                 [event],
-                once=f"{self._writer_scope()}workflow:{self._batches}",
+                once=writer_name(self._sub_run, f"workflow:{self._batches}"),
                 agent_path=self._agent_path,
                 sub_run=self._sub_run,
             ),
@@ -357,10 +358,6 @@ class AgentRunWorkflow:
         else:
             self._agent_path = list(input.delegation.agent_path)
             self._sub_run = input.delegation.sub_run
-
-    def _writer_scope(self) -> str:
-        # The writes of runs that share a stream must not share names, or the stream's dedupe would drop them.
-        return f"{self._sub_run}/" if self._sub_run else ""
 
     def _delegation_offers(self, input: RunInput) -> dict[str, str]:
         """The sub-agents this run's model is offered, with their descriptions: none at the depth limit."""
@@ -421,7 +418,7 @@ class AgentRunWorkflow:
             key = tuple(entry.agent_path)
             self._sub_agent_usage[key] = self._sub_agent_usage.get(key, Usage()) + entry.usage
         self._delegated_usage += result.usage
-        # GetRun shows each agent's share from the memo, even before the run has ended.
+        # GetRun reads the parts from the memo: a cancelled run has no result to carry them.
         workflow.upsert_memo({MEMO_SUB_AGENT_USAGE: [asdict(entry) for entry in self._sub_agent_usage_list()]})
 
     def _sub_agent_usage_list(self) -> list[AgentUsage]:

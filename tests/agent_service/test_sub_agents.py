@@ -312,6 +312,8 @@ async def test_cancelling_the_root_cancels_its_running_sub_agent(stack: Stack) -
     with pytest.raises(WorkflowFailureError) as ended:
         await child_run.result()
     assert isinstance(ended.value.cause, CancelledError)
+    # The child ended through its own cancellation path, which records its end (and publishes nothing).
+    assert "usage" in await (await child_run.describe()).memo()
     assert (await wait_for_state(stack, run_id, pb.RUN_STATE_CANCELLED)).error == ""
 
 
