@@ -123,6 +123,8 @@ class Delegation:
     task_queue: str
     # The root agent's max_delegation_depth, which holds at every level.
     max_depth: int
+    # The last sequence its parent knew published when it delegated: the run numbers its events past it.
+    after_sequence: int = 0
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import email.utils
 import json
 import time
@@ -586,7 +587,8 @@ def _delegation_spec(sub_agent: str, description: str) -> dict[str, Any]:
         "function": {
             "name": delegation_tool_name(sub_agent),
             "description": description or f"Hands a task to the {sub_agent} agent and returns its answer.",
-            "parameters": DELEGATION_PARAMETERS,
+            # A copy, as for every tool: a caller that edits the request cannot change the tool.
+            "parameters": copy.deepcopy(DELEGATION_PARAMETERS),
         },
     }
 

@@ -117,7 +117,9 @@ class AgentRunWorkflow:
         except TimeoutError:
             message = f"the run exceeded its timeout of {timeout:g} s ({input.agent.mode} mode)"
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
-            raise ApplicationError(message, type=ErrorType.RUN_TIMED_OUT, non_retryable=True) from None
+            raise ApplicationError(
+                message, self._last_sequence, type=ErrorType.RUN_TIMED_OUT, non_retryable=True
+            ) from None
 
     async def _run(self, input: RunInput) -> RunResult:
         agent = input.agent
@@ -155,10 +157,13 @@ class AgentRunWorkflow:
             self._last_sequence = max(self._last_sequence, _published_floor(err))
             message = _failure_message(err)
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
-            raise ApplicationError(message, type=ErrorType.ACTIVITY_FAILED, non_retryable=True) from err
+            # The details carry the last sequence the run published: a sub-agent's parent numbers past it.
+            raise ApplicationError(
+                message, self._last_sequence, type=ErrorType.ACTIVITY_FAILED, non_retryable=True
+            ) from err
         except _RunFailure as err:
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=str(err)))
-            raise ApplicationError(str(err), type=err.error_type, non_retryable=True) from None
+            raise ApplicationError(str(err), self._last_sequence, type=err.error_type, non_retryable=True) from None
         if reply.ended_run:
             # The model round published run_completed itself; only the memo is left to record.
             last = reply.ended_run
@@ -358,6 +363,7 @@ class AgentRunWorkflow:
         else:
             self._agent_path = list(input.delegation.agent_path)
             self._sub_run = input.delegation.sub_run
+            self._last_sequence = input.delegation.after_sequence
 
     def _delegation_offers(self, input: RunInput) -> dict[str, str]:
         """The sub-agents this run's model is offered, with their descriptions: none at the depth limit."""
@@ -386,7 +392,7 @@ class AgentRunWorkflow:
             sub,
             json.loads(call.arguments)["task"],
             sub_agents=sub_agent_snapshot(input.sub_agents, sub.name),
-            delegation=Delegation(child_id, path, tree.task_queue, tree.max_depth),
+            delegation=Delegation(child_id, path, tree.task_queue, tree.max_depth, self._last_sequence),
         )
         self._sub_runs.append(child_id)
         workflow.upsert_memo({MEMO_SUB_RUNS: self._sub_runs})
@@ -402,6 +408,7 @@ class AgentRunWorkflow:
                 memo={MEMO_AGENT: sub.name},
             )
         except ChildWorkflowError as err:
+            self._last_sequence = max(self._last_sequence, _published_floor(err))
             return await self._end_call(call, f"sub-agent {sub.name!r} failed: {_failure_message(err)}")
         except WorkflowAlreadyStartedError:  # a model that gave two calls one id
             return await self._end_call(call, f"call id {call.call_id!r} was already used for a delegation")
@@ -443,8 +450,9 @@ def _tool_message(call: ToolCallRequest, content: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call.call_id, "content": content}
 
 
-def _published_floor(err: ActivityError) -> int:
-    """The last sequence a failed activity reported publishing, in its error's details or its last heartbeat."""
+def _published_floor(err: FailureError) -> int:
+    """The last sequence a failed activity or child run reported publishing, in its error's details or its last
+    heartbeat."""
     cause = err.cause
     if isinstance(cause, ApplicationError):
         details: Sequence[Any] = cause.details

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
-from temporalio.exceptions import CancelledError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from agentrun.v1 import agent_service_pb2 as pb
 from shared.agents import load_agents, sub_agent_snapshot
@@ -211,6 +211,12 @@ async def test_a_failed_sub_agent_is_an_error_result_for_the_parents_model(stack
     finished = next(e.tool_call_finished for e in events if e.HasField("tool_call_finished"))
     assert finished.status == pb.TOOL_CALL_STATUS_FAILED
     assert finished.error.startswith("sub-agent 'researcher' failed: ")
+    # The child's failure tells its parent the last sequence it knew published (the parent's, here).
+    child_run = stack.temporal.get_workflow_handle(f"{run_id}/{finished.call_id}")
+    with pytest.raises(WorkflowFailureError) as failed:
+        await child_run.result()
+    assert isinstance(failed.value.cause, ApplicationError)
+    assert list(failed.value.cause.details) == [events[0].sequence]
     assert "no such model" in finished.error
     assert tool_messages(stack.model.server.requests_for(root)[1])[0]["content"] == f"error: {finished.error}"
     assert events[-1].run_completed.output == "Research failed, sorry."
