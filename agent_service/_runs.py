@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,8 +17,11 @@ from shared.contract import (
     MEMO_APPROVALS,
     MEMO_CONVERSATION,
     MEMO_LAST_SEQUENCE,
+    MEMO_SUB_AGENT_USAGE,
+    MEMO_SUB_RUNS,
     MEMO_USAGE,
     WORKFLOW_NAME,
+    AgentUsage,
     Approval,
     Decision,
     RunEnd,
@@ -106,6 +110,17 @@ async def approvals(execution: WorkflowExecution) -> list[Approval]:
     return recorded
 
 
+async def sub_runs(client: Client, execution: WorkflowExecution) -> list[WorkflowExecution]:
+    """The runs of the sub-agents below a run, as the memos record them, breadth first (none for most runs)."""
+    found: list[WorkflowExecution] = []
+    waiting: list[str] = await execution.memo_value(MEMO_SUB_RUNS, [], type_hint=list[str])
+    while waiting:
+        sub = await from_temporal(handle(client, waiting.pop(0)).describe())
+        found.append(sub)
+        waiting += await sub.memo_value(MEMO_SUB_RUNS, [], type_hint=list[str])
+    return found
+
+
 async def recorded_approval(execution: WorkflowExecution, approval_id: str) -> Approval | None:
     """The approval request with this id as the memo records it, decided or not."""
     for approval in await approvals(execution):
@@ -126,8 +141,10 @@ async def to_run(
     execution: WorkflowExecution,
     finished: Ended | None = None,
     pending: list[pb.ApprovalRequested] | None = None,
+    sub_runs: Sequence[WorkflowExecution] = (),
 ) -> pb.Run:
-    """The run as the API shows it; ``pending`` overrides the memo's (possibly older) pending approvals."""
+    """The run as the API shows it; ``pending`` overrides the memo's (possibly older) pending approvals, and the
+    approvals of ``sub_runs``, its sub-agents' runs, are the run's too."""
     run = pb.Run(
         run_id=execution.id,
         agent=str(await execution.memo_value(MEMO_AGENT, "")),
@@ -136,6 +153,9 @@ async def to_run(
         create_time=events.timestamp(execution.start_time),
     )
     recorded = await approvals(execution)
+    for sub in sub_runs:
+        recorded += await approvals(sub)
+    recorded.sort(key=lambda approval: approval.sequence)
     run.decided_approvals.extend(events.approval_decision(a) for a in recorded if a.decision != Decision.PENDING)
     if not is_finished(execution):
         if pending is None:
@@ -160,7 +180,19 @@ async def to_run(
         run.usage.CopyFrom(completed.usage)
         if completed.HasField("structured_output"):
             run.structured_output.CopyFrom(completed.structured_output)
+    if run.HasField("usage"):
+        run.usage_by_agent.extend(await _usage_by_agent(execution, run.agent, finished.outcome.usage))
     return run
+
+
+async def _usage_by_agent(execution: WorkflowExecution, agent: str, total: Usage) -> list[pb.AgentUsage]:
+    """The run's usage by agent: its sub-agents' parts as its memo records them, and the rest its own agent's."""
+    below: list[AgentUsage] = await execution.memo_value(MEMO_SUB_AGENT_USAGE, [], type_hint=list[AgentUsage])
+    own = total - sum((part.usage for part in below), Usage())
+    return [
+        pb.AgentUsage(agent_path=part.agent_path, usage=events.usage(part.usage))
+        for part in [AgentUsage([agent], own), *below]
+    ]
 
 
 async def terminal_event(execution: WorkflowExecution, finished: Ended) -> pb.RunEvent:

@@ -34,7 +34,7 @@ from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 from shared import events, telemetry
-from shared.agents import AgentConfig, load_agents
+from shared.agents import AgentConfig, load_agents, sub_agent_snapshot
 from shared.contract import (
     DECIDE_APPROVAL_UPDATE,
     MEMO_AGENT,
@@ -50,6 +50,7 @@ from shared.conversations import ConversationStore
 from shared.events import is_terminal
 from shared.run_stream import (
     StartMark,
+    approval_run,
     is_known,
     is_pending_approval,
     last_event,
@@ -158,7 +159,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         try:
             started = self._temporal.start_workflow(
                 WORKFLOW_NAME,
-                RunInput(run_id, agent, request.input, conversation),
+                RunInput(run_id, agent, request.input, conversation, sub_agent_snapshot(self._agents, agent.name)),
                 id=run_id,
                 task_queue=self._settings.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -333,9 +334,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 responses += _responses(terminal, after)
         return responses
 
-    async def _pending_approvals(self, run_id: str, execution: WorkflowExecution | None = None) -> list[pb.RunEvent]:
-        """The approval_requested events still waiting for an answer: as published, from Redis, which has them the
-        moment they are; rebuilt from the memo when Redis lost them (or is down)."""
+    async def _pending_approvals(
+        self, run_id: str, execution: WorkflowExecution | None = None, sub_runs: list[WorkflowExecution] | None = None
+    ) -> list[pb.RunEvent]:
+        """The approval_requested events still waiting for an answer (the sub-agents' runs' included): as published,
+        from Redis, which has them the moment they are; rebuilt from the memos when Redis lost them (or is down)."""
         prefix = self._settings.redis_prefix
         try:
             pending = await pending_approvals(self._redis, prefix, run_id)
@@ -343,7 +346,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 return pending
         except (redis.ConnectionError, redis.TimeoutError):
             pass
-        return await _runs.memo_pending_approvals(execution or await self._describe(run_id))
+        execution = execution or await self._describe(run_id)
+        if sub_runs is None:
+            sub_runs = await _runs.sub_runs(self._temporal, execution)
+        rebuilt = [event for run in [execution, *sub_runs] for event in await _runs.memo_pending_approvals(run)]
+        return sorted(rebuilt, key=lambda event: event.sequence)
 
     async def _ended_runs(self, run_ids: list[str]) -> set[str]:
         """Which of ``run_ids`` have ended, per Temporal's visibility store: one query per batch of runs."""
@@ -359,13 +366,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         _check_id("run_id", request.run_id, required=True)
         execution = await self._describe(request.run_id)
+        subs = await _runs.sub_runs(self._temporal, execution)  # their approvals are the run's
         if _runs.is_finished(execution):
-            return pb.GetRunResponse(run=await _runs.to_run(execution, await _runs.ended(self._temporal, execution)))
+            ended = await _runs.ended(self._temporal, execution)
+            return pb.GetRunResponse(run=await _runs.to_run(execution, ended, sub_runs=subs))
         announced = await self._announced_end(execution.id)
         if announced is not None:
-            return pb.GetRunResponse(run=await _runs.to_run(execution, _runs.Ended.announced(announced)))
-        pending = [_with_sequence(event) for event in await self._pending_approvals(execution.id, execution)]
-        return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending))
+            return pb.GetRunResponse(run=await _runs.to_run(execution, _runs.Ended.announced(announced), sub_runs=subs))
+        pending = [_with_sequence(event) for event in await self._pending_approvals(execution.id, execution, subs)]
+        return pb.GetRunResponse(run=await _runs.to_run(execution, pending=pending, sub_runs=subs))
 
     async def CancelRun(self, request: pb.CancelRunRequest, context: Context) -> pb.CancelRunResponse:
         _check_id("run_id", request.run_id, required=True)
@@ -388,7 +397,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
         token = _temporal_page_token(request.page_token)
         page = self._temporal.list_workflows(
-            f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}'",
+            # Sub-agents' runs are part of their roots'.
+            f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}' "
+            "AND ParentWorkflowId IS NULL",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
             next_page_token=token,
         )
@@ -411,6 +422,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                     model=agent.model,
                     tools=agent.tools,
                     approval_policy=agent.approval.policy,
+                    sub_agents=agent.sub_agents,
                 )
                 for _, agent in sorted(self._agents.items())
             ]
@@ -431,7 +443,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if telemetry.enabled():
             await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
-        recorded = await _runs.recorded_approval(execution, request.approval_id)
+        # A sub-agent's approval is answered through the root's id, and decided by the sub-agent's run.
+        asking = await self._asking_run(execution, request.approval_id)
+        recorded = await _runs.recorded_approval(asking, request.approval_id)
         if recorded is None and not await self._is_pending_in_redis(request.run_id, request.approval_id):
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"approval {request.approval_id!r} does not exist")
         if recorded is not None and recorded.decision != Decision.PENDING:
@@ -448,7 +462,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         answer = ApprovalAnswer(
             request.approval_id, decision, approver, request.reason, arguments_sha256=request.arguments_sha256
         )
-        handle = _runs.handle(self._temporal, request.run_id)
+        handle = _runs.handle(self._temporal, asking.id)
         try:
             # Temporal answers within APPROVE_ACCEPT_SECONDS when no worker takes the update; the outer bound is for a
             # Temporal that does not answer at all.
@@ -467,7 +481,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise ApiError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no worker took the decision for run {request.run_id!r} within {APPROVE_ACCEPT_SECONDS:g} s (is a "
-                f"worker serving task queue {self._settings.task_queue!r}?); it may still take effect when a worker "
+                f"worker serving task queue {asking.task_queue!r}?); it may still take effect when a worker "
                 "returns: send the same decision again, which is answered with the decision recorded",
             ) from None
         except WorkflowUpdateFailedError as err:
@@ -480,6 +494,23 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 raise _already_ended(request.run_id) from None
             raise
         return _approve_response(approval)
+
+    async def _asking_run(self, execution: WorkflowExecution, approval_id: str) -> WorkflowExecution:
+        """The workflow that asked for an approval of the run: the run's own, or one of its sub-agents' runs.
+
+        Redis records which sub-agent's run asked the moment it asks; without that record, the memos of the run
+        and of its sub-agents' runs tell. An approval that none knows yet is the run's own (see Approve).
+        """
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            asking = await approval_run(self._redis, self._settings.redis_prefix, execution.id, approval_id)
+            if asking is not None:
+                return await from_temporal(_runs.handle(self._temporal, asking).describe())
+        if await _runs.recorded_approval(execution, approval_id) is not None:
+            return execution
+        for sub in await _runs.sub_runs(self._temporal, execution):
+            if await _runs.recorded_approval(sub, approval_id) is not None:
+                return sub
+        return execution
 
     async def _is_pending_in_redis(self, run_id: str, approval_id: str) -> bool:
         # Redis knows a request the moment it is published; the memo a moment later.

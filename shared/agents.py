@@ -22,6 +22,13 @@ APPROVAL_POLICIES = ("auto", "require_all", "allowlist")
 ON_APPROVAL_TIMEOUT = ("deny", "fail")
 MODE_TIMEOUTS = {"interactive": 5 * 60, "autonomous": 60 * 60}
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# How many levels of sub-agents a run may go down unless its agent says otherwise: a planner, its specialists and
+# their helpers, with one level to spare. Each level multiplies a run's cost and latency, so the limit is low.
+DEFAULT_MAX_DELEGATION_DEPTH = 3
+# An agent's sub-agent is offered to its model as the tool "delegate_to_<sub-agent>".
+DELEGATION_TOOL_PREFIX = "delegate_to_"
+# What OpenAI accepts as a function name (a delegation tool's name must be one).
+_TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 class AgentConfigError(ValueError):
@@ -101,6 +108,15 @@ class AgentConfig:
     # Whether traces record prompts, completions, and tool arguments and results. Off by default: they may hold
     # secrets and personal data.
     trace_content: bool = False
+    # Agents this one may hand a task to: each is offered to its model as a delegation tool, and a call runs the
+    # sub-agent as a child run whose events go to the root run's stream.
+    sub_agents: tuple[str, ...] = ()
+    # The task queue of this agent's runs when another agent delegates to it, so that workers of its own can serve
+    # it; None: the root run's task queue.
+    task_queue: str | None = None
+    # How many levels of sub-agents a run of this agent may go down (its children are level 1). The limit of the
+    # run's root agent holds at every level: an agent at the limit is offered no delegation tools.
+    max_delegation_depth: int = DEFAULT_MAX_DELEGATION_DEPTH
 
     def run_timeout_seconds(self) -> float:
         return self.timeout_seconds if self.timeout_seconds is not None else MODE_TIMEOUTS[self.mode]
@@ -152,7 +168,59 @@ def _load(path: Path) -> tuple[dict[str, AgentConfig], dict[str, McpServerConfig
                     )
         except (TypeError, ValueError) as err:
             raise AgentConfigError(f"{where}: {err}") from None
+    _check_sub_agents(path, loaded)
     return loaded, servers
+
+
+def delegation_tool_name(sub_agent: str) -> str:
+    """The name of the tool through which a model hands a task to ``sub_agent``."""
+    return DELEGATION_TOOL_PREFIX + sub_agent
+
+
+def sub_agent_snapshot(agents: dict[str, AgentConfig], name: str) -> dict[str, AgentConfig]:
+    """The definitions of every agent that a run of ``name`` may delegate to, directly or further down: a run
+    carries them from its start, as it carries its own."""
+    snapshot: dict[str, AgentConfig] = {}
+    waiting = list(agents[name].sub_agents)
+    while waiting:
+        sub = waiting.pop()
+        if sub not in snapshot:
+            snapshot[sub] = agents[sub]
+            waiting += agents[sub].sub_agents
+    return snapshot
+
+
+def _check_sub_agents(path: Path, agents: dict[str, AgentConfig]) -> None:
+    """Every sub-agent exists, can be named as a tool, and no agent reaches itself through its sub-agents."""
+    for agent in agents.values():
+        where = f"{path}: agent {agent.name!r}"
+        for sub in agent.sub_agents:
+            if sub not in agents:
+                known = ", ".join(sorted(agents))
+                raise AgentConfigError(f"{where}: sub_agents names unknown agent {sub!r}; the agents are: {known}")
+            tool_name = delegation_tool_name(sub)
+            if not _TOOL_NAME_PATTERN.match(tool_name):
+                raise AgentConfigError(
+                    f"{where}: sub-agent {sub!r} cannot be offered as tool {tool_name!r}: a tool name is 1 to 64 "
+                    "letters, digits, '_' or '-'"
+                )
+            if tool_name in agent.tools:
+                raise AgentConfigError(f"{where}: tool {tool_name!r} is the name of its delegation to {sub!r}")
+    # Depth-first from every agent; an agent met again on the path it was reached by closes a cycle.
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            cycle = " -> ".join([*trail[trail.index(name) :], name])
+            raise AgentConfigError(f"{path}: sub-agents form a cycle: {cycle}")
+        if name in done:
+            return
+        for sub in agents[name].sub_agents:
+            visit(sub, [*trail, name])
+        done.add(name)
+
+    for name in agents:
+        visit(name, [])
 
 
 def _agent(name: str, spec: Any) -> AgentConfig:
@@ -170,6 +238,7 @@ def _agent(name: str, spec: Any) -> AgentConfig:
             spec[key] = float(spec[key])
     spec["tools"] = tuple(_names(spec.get("tools", []), "tools"))
     spec["mcp_servers"] = _mcp_uses(spec.get("mcp_servers", {}))
+    spec["sub_agents"] = tuple(_names(spec.get("sub_agents", []), "sub_agents", "agent names"))
     approval = spec.get("approval", {})
     if not isinstance(approval, dict) or set(approval) - _APPROVAL_FIELDS:
         raise ValueError(f"'approval' must be a mapping of {sorted(_APPROVAL_FIELDS)}")
@@ -184,9 +253,9 @@ def _agent(name: str, spec: Any) -> AgentConfig:
     return agent
 
 
-def _names(value: Any, key: str) -> list[str]:
+def _names(value: Any, key: str, what: str = "tool names") -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"'{key}' must be a list of tool names")
+        raise ValueError(f"'{key}' must be a list of {what}")
     return value
 
 
@@ -209,6 +278,11 @@ def _check(agent: AgentConfig) -> None:
         raise ValueError("trace_content must be true or false")
     if not isinstance(agent.model_attempts, int) or agent.model_attempts < 1:
         raise ValueError("model_attempts must be a positive integer")
+    if agent.task_queue is not None and (not isinstance(agent.task_queue, str) or not agent.task_queue.strip()):
+        raise ValueError("task_queue must be a non-empty string")
+    depth = agent.max_delegation_depth
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise ValueError("max_delegation_depth must be a non-negative integer")
     if agent.history_max_messages < 1 or agent.history_ttl_seconds < 1:
         raise ValueError("history_max_messages and history_ttl_seconds must be positive")
     if agent.output_schema is not None:

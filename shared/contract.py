@@ -24,6 +24,11 @@ MEMO_LAST_SEQUENCE = "last_sequence"
 MEMO_APPROVALS = "approvals"
 # The tokens the run used, recorded when it ends (a cancelled run has no result to carry them).
 MEMO_USAGE = "usage"
+# The tokens each sub-agent below the run used (a list of AgentUsage), recorded as each delegation ends.
+MEMO_SUB_AGENT_USAGE = "sub_agent_usage"
+# The workflow ids of the sub-agents' runs that the run started, recorded as each starts: with theirs, where to
+# look for their approvals when Redis no longer knows which run asked.
+MEMO_SUB_RUNS = "sub_runs"
 
 # The approver recorded when an approval's deadline decides it.
 TIMEOUT_APPROVER = "agentrun:timeout"
@@ -101,13 +106,45 @@ class Usage:
 
 
 @dataclass
+class AgentUsage:
+    """The tokens that the runs of one agent in a run's tree used, the agent named by its path from the root."""
+
+    agent_path: list[str]
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass
+class Delegation:
+    """Where a sub-agent's run stands in its tree."""
+
+    # The run's own id, its workflow id: its parent's and the delegating call's ("<parent>/<call id>").
+    sub_run: str
+    # The agents from the root of the run to this one.
+    agent_path: list[str]
+    # The root run's task queue: the queue of sub-agents that name none of their own.
+    task_queue: str
+    # The root agent's max_delegation_depth, which holds at every level.
+    max_depth: int
+    # The last sequence its parent knew published when it delegated: the run numbers its events past it.
+    after_sequence: int = 0
+
+
+@dataclass
 class RunInput:
-    """Everything a run needs, fixed when it starts: the agent definition is a snapshot."""
+    """Everything a run needs, fixed when it starts: the agent definition is a snapshot.
+
+    A sub-agent's run has the root's ``run_id``: it publishes into the root's stream, and its approvals are
+    answered through the root's id.
+    """
 
     run_id: str
     agent: AgentConfig
     input: str
     conversation_id: str = ""
+    # The definitions of the agents the run may delegate to, directly or further down: part of its snapshot.
+    sub_agents: dict[str, AgentConfig] = field(default_factory=dict)
+    # Set for a sub-agent's run, started by a delegation of another run.
+    delegation: Delegation | None = None
 
 
 @dataclass
@@ -115,9 +152,12 @@ class RunResult:
     """The final answer, its cost, and the sequence number of the run's terminal event."""
 
     output: str
+    # Everything the run's tree used, its sub-agents' runs included.
     usage: Usage = field(default_factory=Usage)
     last_sequence: int = 0
     structured_output: Any = None
+    # What the sub-agents below the run used, each agent path once.
+    sub_agent_usage: list[AgentUsage] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +200,8 @@ class ToolCallRequest:
     arguments: str
     error: str = ""
     needs_approval: bool = False
+    # Set when the call is a delegation: the sub-agent it hands its task to.
+    sub_agent: str = ""
 
 
 @dataclass
@@ -184,6 +226,11 @@ class CallModelInput:
     tool_digests: dict[str, str] = field(default_factory=dict)
     # What the run's earlier rounds cost: a round whose reply is the run's answer ends the run with the total.
     usage_before: Usage = field(default_factory=Usage)
+    # The sub-agents that this round offers as delegation tools: their names and descriptions.
+    sub_agents: dict[str, str] = field(default_factory=dict)
+    # For a sub-agent's run, its workflow id: its writes to the root's stream are named after it, and its answer
+    # goes back to its parent instead of ending the stream. Empty for a root run.
+    sub_run: str = ""
 
 
 @dataclass
@@ -220,6 +267,8 @@ class RunToolInput:
     tool_digest: str = ""
     # Whether the call's arguments and result go into its trace (the agent's trace_content).
     trace_content: bool = False
+    # As in CallModelInput.
+    sub_run: str = ""
 
 
 @dataclass
@@ -234,12 +283,14 @@ class ToolOutcome:
 
 @dataclass
 class ToolCallEnd:
-    """The end of a tool call that the workflow itself decides: denied, or not run."""
+    """The end of a tool call that the workflow itself decides: denied, not run, or a delegation's end."""
 
     call_id: str
     tool_name: str
     status: ToolCallStatus
     error: str = ""
+    # A delegation's answer: the sub-agent's output.
+    result: str = ""
 
 
 @dataclass
@@ -260,6 +311,8 @@ class PublishEventsInput:
     events: list[WorkflowEvent]
     once: str
     agent_path: list[str] = field(default_factory=list)
+    # As in CallModelInput: the approvals a sub-agent's run requests are answered through the root run's id.
+    sub_run: str = ""
 
 
 @dataclass

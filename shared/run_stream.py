@@ -10,6 +10,8 @@ a server follows any number of runs over one subscription and reads the stream o
 
 Beside the stream, a hash maps each approval request still waiting for an answer to the sequence of its event. The
 script that publishes the request or its decision updates it, so a reconnecting client never misses a pending request.
+A sub-agent's run publishes into its root's stream; another hash maps each approval it requests to its workflow id,
+so that an answer sent through the root's id reaches it.
 Another hash remembers the last batch of each writer, so that a retried append adds nothing.
 """
 
@@ -98,6 +100,16 @@ def _pending_key(prefix: str, run_id: str) -> str:
     return _key(prefix, run_id, "pending-approvals")
 
 
+def _approval_runs_key(prefix: str, run_id: str) -> str:
+    return _key(prefix, run_id, "approval-runs")
+
+
+def writer_name(sub_run: str, name: str) -> str:
+    """The name of a writer in a run's stream. A sub-agent's run (``sub_run``, its workflow id) shares its root's
+    stream, so its writers' names carry its id: the dedupe of one run's batches never drops another run's."""
+    return f"{sub_run}/{name}" if sub_run else name
+
+
 def _marker(event: pb.RunEvent) -> str:
     if event.HasField("approval_requested"):
         return "+" + event.approval_requested.approval_id
@@ -160,6 +172,14 @@ class RunStreamWriter:
             args=[floor, self._ttl, "1" if terminal else "0", writer, batch, *pairs],
         )
         return AppendResult(int(last), bool(closed))
+
+    async def route_approval(self, run_id: str, approval_id: str, workflow_id: str) -> None:
+        """Records that a sub-agent's run (``workflow_id``) asked for an approval in the run's stream."""
+        key = _approval_runs_key(self._prefix, run_id)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, approval_id, workflow_id)
+            pipe.expire(key, self._ttl)
+            await pipe.execute()
 
     async def read_after(self, run_id: str, after_sequence: int) -> list[pb.RunEvent]:
         """Everything already in the stream after a sequence number (used to resume a retried call)."""
@@ -243,6 +263,13 @@ async def is_known(client: redis.Redis, prefix: str, run_id: str) -> bool:
 
 async def is_pending_approval(client: redis.Redis, prefix: str, run_id: str, approval_id: str) -> bool:
     return bool(await client.hexists(_pending_key(prefix, run_id), approval_id))
+
+
+async def approval_run(client: redis.Redis, prefix: str, run_id: str, approval_id: str) -> str | None:
+    """The workflow id of the sub-agent's run that asked for an approval in the run's stream; None for the run's own
+    approvals (or when Redis no longer knows)."""
+    value: Any = await client.hget(_approval_runs_key(prefix, run_id), approval_id)
+    return None if value is None else value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def pending_approvals(client: redis.Redis, prefix: str, run_id: str) -> list[pb.RunEvent]:

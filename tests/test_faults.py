@@ -272,3 +272,31 @@ async def test_approve_with_no_worker_up_answers_unavailable_and_takes_effect_wh
     assert events[-1].run_completed.output == "done"
     assert (decided.decision, decided.approver) == (APPROVE, "alice")
     assert again == decided
+
+
+async def test_a_worker_killed_while_a_sub_agent_streams_repeats_no_text_and_no_number(
+    settings: Settings, model: Model, workers: Workers
+) -> None:
+    child = model.script({"chunks": WORDS[:40], "delay_ms": 50})
+    root = model.script(
+        tool_calls(("delegate_to_researcher", {"task": f"{child} take your time"})), {"text": "relayed"}
+    )
+    await workers.start()
+    async with replicas(settings, 1) as (server,), AgentRunClient(server.address) as client:
+        run_id = await client.start_run("planner", root)
+        seen: list[pb.RunEvent] = []
+        async for event in client.stream_run(run_id):
+            seen.append(event)
+            if event.HasField("text_delta"):
+                break  # the sub-agent is streaming
+        await workers.kill()
+        await workers.start()
+        # The killed worker's calls time out after 10 s without heartbeats, then run again on the new one.
+        events = seen + await collect(client, run_id, after=seen[-1].sequence)
+
+    assert_each_number_once(events)
+    sub_agent = [e for e in events if list(e.agent_path) == ["planner", "researcher"]]
+    assert text_of(sub_agent) == "".join(WORDS[:40])
+    delegation = next(e.tool_call_finished for e in events if e.HasField("tool_call_finished"))
+    assert delegation.result == "".join(WORDS[:40])
+    assert events[-1].run_completed.output == "relayed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import email.utils
 import json
 import time
@@ -22,7 +23,7 @@ from temporalio.exceptions import ApplicationError
 
 from agentrun.v1 import agent_service_pb2 as pb
 from shared import events, telemetry
-from shared.agents import AgentConfig
+from shared.agents import AgentConfig, delegation_tool_name
 from shared.contract import (
     CallModelInput,
     ErrorType,
@@ -38,7 +39,7 @@ from shared.contract import (
     Usage,
 )
 from shared.conversations import ConversationStore
-from shared.run_stream import AppendResult, RunStreamWriter
+from shared.run_stream import AppendResult, RunStreamWriter, writer_name
 from worker import _telemetry
 from worker.tools import ToolContext, ToolError, ToolRegistry, ToolUnavailableError
 
@@ -62,6 +63,19 @@ MISSING_RESULT = "No result: the run ended before this tool call finished."
 LOST_SEQUENCE_MARGIN = 10_000
 # Statuses with which a model endpoint says "not now" rather than "never": retried, after Retry-After if given.
 _RETRYABLE_MODEL_STATUSES = frozenset({408, 409, 429})
+# The arguments of a delegation tool: the sub-agent sees only its task, not the conversation that led to it.
+DELEGATION_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "task": {
+            "type": "string",
+            "minLength": 1,
+            "description": "The task, with all it takes to do it: the agent sees nothing else of this conversation.",
+        }
+    },
+    "required": ["task"],
+    "additionalProperties": False,
+}
 
 
 @dataclass
@@ -88,7 +102,7 @@ class _TextPublisher:
         self._run_id = input.run_id
         self._agent_path = input.agent_path
         # Each batch is named, so that Redis adds nothing when a lost reply makes the client send it again.
-        self._name = f"model:{input.round}"
+        self._name = writer_name(input.sub_run, f"model:{input.round}")
         self._batch_prefix = f"{activity.info().attempt}:"
         self._batches = 0
         self._already_sent = resumed.already_sent
@@ -267,7 +281,7 @@ class RunActivities:
                     messages=cast("list[ChatCompletionMessageParam]", messages),
                     stream=True,
                     stream_options={"include_usage": True},
-                    **_request_options(agent, self._tools.specs(tool_names) if not input.final_round else []),
+                    **_request_options(agent, self._offered_tools(input, tool_names)),
                 ) as response:
                     async for chunk in _chunks(response):
                         if not call.first_chunk_at:
@@ -302,7 +316,7 @@ class RunActivities:
             text=reply.text,
             calls=reply.tool_calls,
         )
-        if not reply.tool_calls and not reply.output_error:
+        if not reply.tool_calls and not reply.output_error and not input.sub_run:
             # The reply is the run's answer: end the run here, so the client has run_completed right after the last
             # token instead of after another workflow task and a Temporal round trip.
             outcome = RunOutcome(
@@ -377,8 +391,14 @@ class RunActivities:
             # it published after its last heartbeat: numbers past a wide margin were surely never used.
             return _Resumed(floor=floor + LOST_SEQUENCE_MARGIN)
         earlier = await self._stream.read_after(input.run_id, input.after_sequence)
+        if input.sub_run:
+            # The root's stream has other runs' events too: a sibling sub-agent's text is not this call's. (Two
+            # sub-agent runs of one agent at once share a path; a retry may then repeat text, but never a number.)
+            earlier = [event for event in earlier if list(event.agent_path) == input.agent_path]
         text = "".join(event.text_delta.text for event in earlier if event.HasField("text_delta"))
-        answer = earlier[-1] if earlier and earlier[-1].HasField("run_completed") else None
+        # A sub-agent's answer never ends the stream; the run_completed there is the root's.
+        ended = earlier and earlier[-1].HasField("run_completed") and not input.sub_run
+        answer = earlier[-1] if ended else None
         return _Resumed(floor=max(floor, stored), already_sent=text, answer=answer)
 
     async def _model_messages(self, input: CallModelInput) -> list[dict[str, Any]]:
@@ -403,7 +423,7 @@ class RunActivities:
     ) -> None:
         """Checks the reply's tool calls or its structured answer, announces the calls, and saves the turn."""
         agent = input.agent
-        reply.tool_calls = [self._inspect(agent, tool_names, call) for call in calls]
+        reply.tool_calls = [self._inspect(input, tool_names, call) for call in calls]
         reply.message = _assistant_message(reply.text, reply.tool_calls)
         if reply.tool_calls:
             result = await self._stream.append(
@@ -411,7 +431,7 @@ class RunActivities:
                 [events.tool_call_started(call) for call in reply.tool_calls],
                 floor=reply.last_sequence,
                 agent_path=input.agent_path,
-                writer=f"started:{input.round}",
+                writer=writer_name(input.sub_run, f"started:{input.round}"),
             )
             reply.last_sequence = result.last_sequence
         elif agent.output_schema is not None:
@@ -424,10 +444,24 @@ class RunActivities:
                 ttl_seconds=agent.history_ttl_seconds,
             )
 
-    def _inspect(self, agent: AgentConfig, tool_names: list[str], call: ToolCallRequest) -> ToolCallRequest:
+    def _offered_tools(self, input: CallModelInput, tool_names: list[str]) -> list[dict[str, Any]]:
+        if input.final_round:
+            return []
+        delegations = [_delegation_spec(name, description) for name, description in input.sub_agents.items()]
+        return self._tools.specs(tool_names) + delegations
+
+    def _inspect(self, input: CallModelInput, tool_names: list[str], call: ToolCallRequest) -> ToolCallRequest:
         """Checks a call before anything runs: is the tool available, are the arguments valid, is approval needed?"""
+        agent = input.agent
+        delegations = {delegation_tool_name(name): name for name in input.sub_agents}
+        if call.name in delegations:
+            call.error = _delegation_error(call.arguments)
+            call.sub_agent = delegations[call.name]
+            # Delegating follows the agent's approval policy like any tool.
+            call.needs_approval = not call.error and agent.approval.requires_approval(call.name, flagged_by_tool=False)
+            return call
         if call.name not in tool_names:
-            available = ", ".join(tool_names) or "none"
+            available = ", ".join([*tool_names, *delegations]) or "none"
             call.error = f"unknown tool {call.name!r}; available tools: {available}"
             return call
         try:
@@ -456,7 +490,8 @@ class RunActivities:
         context = ToolContext(
             run_id=input.run_id,
             call_id=input.call_id,
-            idempotency_key=f"{input.run_id}:{input.call_id}",
+            # A sub-agent's run has its own id: its call ids need not be unique in the root run.
+            idempotency_key=f"{input.sub_run or input.run_id}:{input.call_id}",
         )
         with _telemetry.tool_call(
             input.name, input.call_id, input.arguments, record_content=input.trace_content
@@ -481,7 +516,7 @@ class RunActivities:
             [events.tool_call_finished(input.call_id, input.name, outcome)],
             floor=input.after_sequence,
             agent_path=input.agent_path,
-            writer=f"finished:{input.call_id}",
+            writer=writer_name(input.sub_run, f"finished:{input.call_id}"),
         )
         outcome.last_sequence = published.last_sequence
         return outcome
@@ -492,6 +527,9 @@ class RunActivities:
         for event in input.events:
             if event.approval_requested is not None:
                 _telemetry.approval_requested(input.run_id, event.approval_requested)
+                if input.sub_run:
+                    # Before the request is out: an Approve through the root's id finds the run that waits.
+                    await self._stream.route_approval(input.run_id, event.approval_requested.approval_id, input.sub_run)
             elif event.approval_decided is not None:
                 _telemetry.approval_decided(input.run_id, event.approval_decided)
         result = await self._stream.append(
@@ -556,6 +594,31 @@ def _retry_after(headers: Mapping[str, str]) -> timedelta | None:
             moment = email.utils.parsedate_to_datetime(value)
             return max(timedelta(0), moment - datetime.now(UTC))
     return None
+
+
+def _delegation_spec(sub_agent: str, description: str) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": delegation_tool_name(sub_agent),
+            "description": description or f"Hands a task to the {sub_agent} agent and returns its answer.",
+            # A copy, as for every tool: a caller that edits the request cannot change the tool.
+            "parameters": copy.deepcopy(DELEGATION_PARAMETERS),
+        },
+    }
+
+
+def _delegation_error(arguments: str) -> str:
+    """Why a delegation call's arguments are not a task; empty when they are."""
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError as err:
+        return f"arguments are not valid JSON ({err})"
+    try:
+        jsonschema.validate(value, DELEGATION_PARAMETERS, cls=jsonschema.Draft202012Validator)
+    except jsonschema.ValidationError as err:
+        return f"invalid arguments: {err.message}"
+    return ""
 
 
 def _request_options(agent: AgentConfig, tools: list[dict[str, Any]]) -> dict[str, Any]:

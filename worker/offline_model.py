@@ -24,6 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
+from shared.agents import DELEGATION_TOOL_PREFIX
+
 MODEL_NAME = "offline"
 FINGERPRINT = "agentrun-offline"
 # Tool-call arguments are streamed in slices of this many characters; JSON
@@ -279,7 +281,8 @@ class OfflineModel:
         return None
 
     def _default_step(self, messages: list[Any], tools: list[Any]) -> Step:
-        """Without a script: answer a tool result, use the calculator on arithmetic, else echo the user.
+        """Without a script: answer a tool result, hand the user's message to the first sub-agent offered, use the
+        calculator on arithmetic, else echo the user.
 
         Just enough agent behaviour to show tool calls and approvals in a demo.
         """
@@ -292,7 +295,11 @@ class OfflineModel:
             if isinstance(message, dict) and message.get("role") == "user":
                 said = " ".join(_message_texts(message))
                 break
-        offered = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+        names = [t.get("function", {}).get("name") for t in tools if isinstance(t, dict)]
+        offered = set(names)
+        delegations = [name for name in names if isinstance(name, str) and name.startswith(DELEGATION_TOOL_PREFIX)]
+        if delegations:
+            return Step(tool_calls=(ToolCallSpec(delegations[0], json.dumps({"task": said})),))
         arithmetic = _ARITHMETIC.search(said)
         if "calculator" in offered and arithmetic:
             expression = json.dumps({"expression": arithmetic.group(0).strip()})

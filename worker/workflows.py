@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import timedelta
@@ -11,21 +12,34 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    FailureError,
+    WorkflowAlreadyStartedError,
+    is_cancelled_exception,
+)
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
+    from shared.agents import sub_agent_snapshot
     from shared.contract import (
         DECIDE_APPROVAL_UPDATE,
+        MEMO_AGENT,
         MEMO_APPROVALS,
         MEMO_LAST_SEQUENCE,
+        MEMO_SUB_AGENT_USAGE,
+        MEMO_SUB_RUNS,
         MEMO_USAGE,
         TIMEOUT_APPROVER,
         WORKFLOW_NAME,
+        AgentUsage,
         Approval,
         ApprovalAnswer,
         CallModelInput,
         Decision,
+        Delegation,
         ErrorType,
         ModelReply,
         PublishEventsInput,
@@ -42,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         Usage,
         WorkflowEvent,
     )
+    from shared.run_stream import writer_name
     from worker.activities import RunActivities
 
 MODEL_CALL_TIMEOUT = timedelta(minutes=10)
@@ -76,8 +91,16 @@ class _RunFailure(Exception):
 @workflow.defn(name=WORKFLOW_NAME)
 class AgentRunWorkflow:
     def __init__(self) -> None:
-        # The agents from the root of the run to this one; sub-agents will extend it.
+        # The run whose stream this workflow publishes into: its own, or for a sub-agent's run, the root's.
+        self._run_id = ""
+        # The agents from the root of the run to this one.
         self._agent_path: list[str] = []
+        # For a sub-agent's run, its workflow id (see CallModelInput.sub_run); empty for a root run.
+        self._sub_run = ""
+        # What the sub-agents' runs used: in all, not yet added to the run's usage, and per agent path below this run.
+        self._delegated_usage = Usage()
+        self._sub_agent_usage: dict[tuple[str, ...], Usage] = {}
+        self._sub_runs: list[str] = []
         self._approvals: dict[str, Approval] = {}
         self._last_sequence = 0
         self._batches = 0
@@ -94,23 +117,27 @@ class AgentRunWorkflow:
         except TimeoutError:
             message = f"the run exceeded its timeout of {timeout:g} s ({input.agent.mode} mode)"
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
-            raise ApplicationError(message, type=ErrorType.RUN_TIMED_OUT, non_retryable=True) from None
+            raise ApplicationError(
+                message, self._last_sequence, type=ErrorType.RUN_TIMED_OUT, non_retryable=True
+            ) from None
 
     async def _run(self, input: RunInput) -> RunResult:
         agent = input.agent
-        self._agent_path = [agent.name]
+        self._identify(input)
         messages: list[dict[str, Any]] = [{"role": "user", "content": input.input}]
         usage = Usage()
         try:
             for round in range(agent.max_iterations):
                 final = round == agent.max_iterations - 1
-                reply = await self._call_model(input, messages, round, usage, final_round=final and bool(agent.tools))
+                offers_tools = bool(agent.tools or agent.sub_agents)
+                reply = await self._call_model(input, messages, round, usage, final_round=final and offers_tools)
                 usage += reply.usage
                 messages.append(reply.message)
                 if not reply.tool_calls:
                     break
                 # The calls of one round run concurrently; their results go back in call order.
                 messages += await asyncio.gather(*(self._tool_call(input, call, final) for call in reply.tool_calls))
+                usage += self._take_delegated_usage()
                 if final:
                     break
             if reply.output_error:
@@ -122,6 +149,7 @@ class AgentRunWorkflow:
                     # The run's own timeout cancelled its work; run() reports that.
                     raise asyncio.CancelledError() from err
                 # The usage of the rounds that finished: GetRun shows it for the cancelled run.
+                usage += self._take_delegated_usage()
                 await self._finish(input, RunOutcome(RunEnd.CANCELLED, reason=reason, usage=usage))
                 raise
             assert isinstance(err, ActivityError)
@@ -129,10 +157,13 @@ class AgentRunWorkflow:
             self._last_sequence = max(self._last_sequence, _published_floor(err))
             message = _failure_message(err)
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
-            raise ApplicationError(message, type=ErrorType.ACTIVITY_FAILED, non_retryable=True) from err
+            # The details carry the last sequence the run published: a sub-agent's parent numbers past it.
+            raise ApplicationError(
+                message, self._last_sequence, type=ErrorType.ACTIVITY_FAILED, non_retryable=True
+            ) from err
         except _RunFailure as err:
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=str(err)))
-            raise ApplicationError(str(err), type=err.error_type, non_retryable=True) from None
+            raise ApplicationError(str(err), self._last_sequence, type=err.error_type, non_retryable=True) from None
         if reply.ended_run:
             # The model round published run_completed itself; only the memo is left to record.
             last = reply.ended_run
@@ -142,7 +173,7 @@ class AgentRunWorkflow:
                 RunEnd.COMPLETED, output=reply.text, usage=usage, structured_output=reply.structured_output
             )
             last = await self._finish(input, outcome)
-        return RunResult(reply.text, usage, last, reply.structured_output)
+        return RunResult(reply.text, usage, last, reply.structured_output, self._sub_agent_usage_list())
 
     async def _call_model(
         self, input: RunInput, messages: list[dict[str, Any]], round: int, usage_before: Usage, *, final_round: bool
@@ -160,6 +191,8 @@ class AgentRunWorkflow:
                 agent_path=self._agent_path,
                 tool_digests=self._tool_digests,
                 usage_before=usage_before,
+                sub_agents=self._delegation_offers(input),
+                sub_run=self._sub_run,
             ),
             start_to_close_timeout=MODEL_CALL_TIMEOUT,
             heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
@@ -187,6 +220,8 @@ class AgentRunWorkflow:
                 because = f": {approval.reason}" if approval.reason else ""
                 error = f"the call was denied by {approval.approver}{because}"
                 return await self._end_call(call, error, ToolCallStatus.DENIED)
+        if call.sub_agent:
+            return await self._delegate(input, call)
         outcome: ToolOutcome = await workflow.execute_activity_method(
             RunActivities.run_tool,
             RunToolInput(
@@ -198,6 +233,7 @@ class AgentRunWorkflow:
                 agent_path=self._agent_path,
                 tool_digest=self._tool_digests.get(call.name, ""),
                 trace_content=input.agent.trace_content,
+                sub_run=self._sub_run,
             ),
             start_to_close_timeout=TOOL_TIMEOUT,
             heartbeat_timeout=TOOL_HEARTBEAT_TIMEOUT,
@@ -277,11 +313,12 @@ class AgentRunWorkflow:
         sequence = await workflow.execute_local_activity_method(
             RunActivities.publish_events,
             PublishEventsInput(
-                workflow.info().workflow_id,  # the workflow id is the run id
+                self._run_id,
                 self._last_sequence,
                 [event],
-                once=f"workflow:{self._batches}",
+                once=writer_name(self._sub_run, f"workflow:{self._batches}"),
                 agent_path=self._agent_path,
+                sub_run=self._sub_run,
             ),
             schedule_to_close_timeout=PUBLISH_TIMEOUT,
         )
@@ -292,8 +329,12 @@ class AgentRunWorkflow:
         """Publishes the terminal event and records its sequence in the memo.
 
         Temporal stays the truth when Redis fails: the run still ends, and the server rebuilds the event from the
-        workflow's result.
+        workflow's result. A sub-agent's run publishes no terminal event: its end is no end of the root's stream,
+        and its parent reports it as the end of the delegation's tool call.
         """
+        if self._sub_run:
+            workflow.upsert_memo({MEMO_USAGE: asdict(outcome.usage)})
+            return self._last_sequence
         publish = PublishOutcomeInput(
             input.run_id,
             self._last_sequence,
@@ -311,6 +352,90 @@ class AgentRunWorkflow:
         workflow.upsert_memo({MEMO_LAST_SEQUENCE: sequence, MEMO_USAGE: asdict(outcome.usage)})
         return sequence
 
+    # Sub-agents: a delegation runs the sub-agent as a child run of the same workflow, publishing into the root's
+    # stream under its own agent path.
+
+    def _identify(self, input: RunInput) -> None:
+        """Where the run stands in its tree: a root run, or a sub-agent's run started by a delegation."""
+        self._run_id = input.run_id
+        if input.delegation is None:
+            self._agent_path = [input.agent.name]
+        else:
+            self._agent_path = list(input.delegation.agent_path)
+            self._sub_run = input.delegation.sub_run
+            self._last_sequence = input.delegation.after_sequence
+
+    def _delegation_offers(self, input: RunInput) -> dict[str, str]:
+        """The sub-agents this run's model is offered, with their descriptions: none at the depth limit."""
+        limit = input.delegation.max_depth if input.delegation else input.agent.max_delegation_depth
+        if len(self._agent_path) - 1 >= limit:
+            return {}
+        return {name: sub.description for name in input.agent.sub_agents if (sub := input.sub_agents.get(name))}
+
+    async def _delegate(self, input: RunInput, call: ToolCallRequest) -> dict[str, Any]:
+        """Runs a sub-agent as a child run with the call's task; its answer, or why it failed, is the call's result.
+
+        The child's id derives from this run's and the call's, so a replayed or retried parent never starts a
+        second child. Cancelling the parent requests the child's cancellation without waiting for it (its worker
+        may be gone), and the parent's close, however it comes, requests it too: the child ends through its own
+        cancellation path rather than being terminated.
+        """
+        sub = input.sub_agents[call.sub_agent]
+        # A root run's tree: its id, its queue, and its agent's depth limit.
+        tree = input.delegation or Delegation(
+            input.run_id, [], workflow.info().task_queue, input.agent.max_delegation_depth
+        )
+        path = [*self._agent_path, sub.name]
+        child_id = f"{tree.sub_run}/{call.call_id}"
+        child = RunInput(
+            input.run_id,
+            sub,
+            json.loads(call.arguments)["task"],
+            sub_agents=sub_agent_snapshot(input.sub_agents, sub.name),
+            delegation=Delegation(child_id, path, tree.task_queue, tree.max_depth, self._last_sequence),
+        )
+        self._sub_runs.append(child_id)
+        workflow.upsert_memo({MEMO_SUB_RUNS: self._sub_runs})
+        try:
+            result: RunResult = await workflow.execute_child_workflow(
+                WORKFLOW_NAME,
+                child,
+                result_type=RunResult,
+                id=child_id,
+                task_queue=sub.task_queue or tree.task_queue,
+                cancellation_type=workflow.ChildWorkflowCancellationType.TRY_CANCEL,
+                parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+                memo={MEMO_AGENT: sub.name},
+            )
+        except ChildWorkflowError as err:
+            self._last_sequence = max(self._last_sequence, _published_floor(err))
+            return await self._end_call(call, f"sub-agent {sub.name!r} failed: {_failure_message(err)}")
+        except WorkflowAlreadyStartedError:  # a model that gave two calls one id
+            return await self._end_call(call, f"call id {call.call_id!r} was already used for a delegation")
+        self._last_sequence = max(self._last_sequence, result.last_sequence)
+        self._add_sub_agent_usage(path, result)
+        end = ToolCallEnd(call.call_id, call.name, ToolCallStatus.COMPLETED, result=result.output)
+        await self._publish(WorkflowEvent(tool_call_finished=end))
+        return _tool_message(call, result.output)
+
+    def _add_sub_agent_usage(self, path: list[str], result: RunResult) -> None:
+        below = result.sub_agent_usage
+        own = result.usage - sum((entry.usage for entry in below), Usage())
+        for entry in [AgentUsage(path, own), *below]:
+            key = tuple(entry.agent_path)
+            self._sub_agent_usage[key] = self._sub_agent_usage.get(key, Usage()) + entry.usage
+        self._delegated_usage += result.usage
+        # GetRun reads the parts from the memo: a cancelled run has no result to carry them.
+        workflow.upsert_memo({MEMO_SUB_AGENT_USAGE: [asdict(entry) for entry in self._sub_agent_usage_list()]})
+
+    def _sub_agent_usage_list(self) -> list[AgentUsage]:
+        return [AgentUsage(list(path), usage) for path, usage in self._sub_agent_usage.items()]
+
+    def _take_delegated_usage(self) -> Usage:
+        """What the sub-agents used since the run last took it into its usage."""
+        taken, self._delegated_usage = self._delegated_usage, Usage()
+        return taken
+
 
 def _conflict(approval: Approval, answer: ApprovalAnswer) -> str:
     """Why ``answer`` cannot apply to ``approval``; empty when it can."""
@@ -325,8 +450,9 @@ def _tool_message(call: ToolCallRequest, content: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call.call_id, "content": content}
 
 
-def _published_floor(err: ActivityError) -> int:
-    """The last sequence a failed activity reported publishing, in its error's details or its last heartbeat."""
+def _published_floor(err: FailureError) -> int:
+    """The last sequence a failed activity or child run reported publishing, in its error's details or its last
+    heartbeat."""
     cause = err.cause
     if isinstance(cause, ApplicationError):
         details: Sequence[Any] = cause.details
@@ -337,7 +463,7 @@ def _published_floor(err: ActivityError) -> int:
     return max((d for d in details if isinstance(d, int)), default=0)
 
 
-def _failure_message(err: ActivityError) -> str:
+def _failure_message(err: FailureError) -> str:
     cause = err.cause
     while isinstance(cause, ActivityError) and cause.cause is not None:
         cause = cause.cause

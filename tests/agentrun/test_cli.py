@@ -301,6 +301,7 @@ async def test_agents_lists_the_configured_agents_and_an_unknown_agent_is_told_t
     assert names == configured
     assert "careful  Every tool call needs approval; a missed deadline denies.\n" in out
     assert "  model: offline; tools: calculator, echo; approval: require_all\n" in out
+    assert "  model: offline; tools: none; sub-agents: researcher; approval: auto\n" in out  # the planner
 
     code, out, err = await agentrun(stack, "run", "nosuch", "hello")
 
@@ -426,3 +427,34 @@ async def test_streaming_a_run_again_asks_about_no_approval_that_was_decided(sta
     text = replayed.decode()
     assert "[y/N/reason]" not in text
     assert "#2 approval requested\n#3 ✓ approved by alice\n#4 ← hi\n" in text
+
+
+async def test_run_and_get_mark_what_sub_agents_did(stack: Stack) -> None:
+    child = stack.model.script({"tool_calls": [{"name": "echo", "arguments": {"text": "p. 7"}}]}, {"text": "On p. 7."})
+    root = stack.model.script(
+        {"tool_calls": [{"name": "delegate_to_researcher", "arguments": {"task": f"{child} find it"}}]},
+        {"text": "Found: p. 7."},
+    )
+
+    code, out, err = await agentrun(stack, "run", "planner", f"{root} where?")
+
+    assert code == 0, err
+    run_id = run_id_of(err)
+    assert out.startswith(
+        f'→ delegate_to_researcher({{"task": "{child} find it"}})\n'
+        '[researcher] → echo({"text": "p. 7"})\n'
+        "[researcher] ← p. 7\n"
+        "[researcher] On p. 7.\n"
+        "← On p. 7.\n"
+        "Found: p. 7.\n"
+    )
+    code, out, err = await agentrun(stack, "get", run_id)
+
+    assert code == 0, err
+    run = await stack.client.get_run(run_id)
+    assert [list(p.agent_path) for p in run.usage_by_agent] == [["planner"], ["planner", "researcher"]]
+    planner, researcher = (p.usage for p in run.usage_by_agent)
+    assert (
+        f"  planner             {planner.prompt_tokens} prompt + {planner.completion_tokens} completion tokens\n"
+        f"  planner/researcher  {researcher.prompt_tokens} prompt + {researcher.completion_tokens} completion tokens\n"
+    ) in out

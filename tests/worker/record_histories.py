@@ -13,17 +13,17 @@ import json
 import os
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
 import redis.asyncio as redis
-from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
 from devstack.stack import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
-from shared.agents import load_agents
+from shared.agents import load_agents, sub_agent_snapshot
 from shared.contract import DECIDE_APPROVAL_UPDATE, Approval, ApprovalAnswer, Decision, RunInput
 from shared.settings import Settings
 from worker import offline_model
@@ -62,6 +62,9 @@ class Scenario:
     steps: list[dict[str, Any]]
     conversation_id: str = ""
     act: Callable[[WorkflowHandle[Any, Any]], Awaitable[None]] | None = None
+    # The scripts of sub-agents' runs, by key: a delegation's task names its sub-agent's script. Each child run's
+    # history is recorded too, as "<scenario>.child<n>.json".
+    sub_scripts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 SCENARIOS = {
@@ -87,6 +90,28 @@ SCENARIOS = {
     "answer_ends_run_in_conversation": Scenario(
         "chat", [{"text": "Hello once more."}], conversation_id="recorded-conversation-2"
     ),
+    # Sub-agents: a child run that delegates again and calls a tool beside it, and a child run that fails.
+    "delegation": Scenario(
+        "planner",
+        [call("delegate_to_researcher", task="delegated-research: look it up"), {"text": "Planned."}],
+        sub_scripts={
+            "delegated-research": [
+                {
+                    "tool_calls": [
+                        {"name": "delegate_to_fetcher", "arguments": {"task": "delegated-fetch: get it"}},
+                        {"name": "echo", "arguments": {"text": "noted"}},
+                    ]
+                },
+                {"text": "Researched."},
+            ],
+            "delegated-fetch": [{"text": "Fetched."}],
+        },
+    ),
+    "sub_agent_error": Scenario(
+        "planner",
+        [call("delegate_to_researcher", task="errored-research: try"), {"text": "It did not work."}],
+        sub_scripts={"errored-research": [{"error": {"status": 400, "message": "rejected"}}]},
+    ),
 }
 
 
@@ -102,6 +127,16 @@ def without_stack_traces(history_json: str) -> str:
         return value
 
     return json.dumps(scrub(json.loads(history_json)), indent=2) + "\n"
+
+
+async def children(client: Client, workflow_id: str) -> list[str]:
+    """The ids of the child workflows that a workflow started, and theirs, depth first."""
+    found = []
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if event.HasField("child_workflow_execution_started_event_attributes"):
+            child = event.child_workflow_execution_started_event_attributes.workflow_execution.workflow_id
+            found += [child, *await children(client, child)]
+    return found
 
 
 async def main() -> None:
@@ -129,10 +164,18 @@ async def main() -> None:
             async with worker:
                 for name, scenario in missing.items():
                     model.add_script(name, scenario.steps)
+                    for key, steps in scenario.sub_scripts.items():
+                        model.add_script(key, steps)
                     run_id = f"record-{name}-{uuid.uuid4().hex[:6]}"
                     handle = await env.client.start_workflow(
                         AgentRunWorkflow.run,
-                        RunInput(run_id, AGENTS[scenario.agent], f"{name}: go", scenario.conversation_id),
+                        RunInput(
+                            run_id,
+                            AGENTS[scenario.agent],
+                            f"{name}: go",
+                            scenario.conversation_id,
+                            sub_agent_snapshot(AGENTS, scenario.agent),
+                        ),
                         id=run_id,
                         task_queue=settings.task_queue,
                     )
@@ -144,6 +187,10 @@ async def main() -> None:
                         pass
                     history = await handle.fetch_history()
                     (HERE / "histories" / f"{name}.json").write_text(without_stack_traces(history.to_json()))
+                    for number, child in enumerate(await children(env.client, handle.id), 1):
+                        child_history = await env.client.get_workflow_handle(child).fetch_history()
+                        path = HERE / "histories" / f"{name}.child{number}.json"
+                        path.write_text(without_stack_traces(child_history.to_json()))
                     print(f"recorded {name}")
         await redis_client.aclose()
     await runner.cleanup()

@@ -85,3 +85,34 @@ async def test_an_answer_that_fails_the_run_leaves_the_end_to_the_workflow(stack
 
     assert streamed[-1].WhichOneof("kind") == "run_failed"
     assert [e.sequence for e in streamed] == list(range(1, len(streamed) + 1))
+
+
+async def test_a_retried_sub_agent_round_skips_only_its_own_text_and_leaves_the_stream_open(stack: Stack) -> None:
+    """A sub-agent's run shares the root's stream with its siblings: a retry of its model round continues its own
+    text, and its answer goes back to its parent, so the stream gets no run_completed."""
+    agent = load_agents(AGENTS_FILE)["researcher"]
+    key = stack.model.script({"chunks": ["Half ", "of it, ", "then the rest."]})
+    run_id = f"run-sub-{key}"
+    writer = RunStreamWriter(stack.redis, stack.settings.redis_prefix, ttl_seconds=600)
+    path, sibling = ["planner", "researcher"], ["planner", "remote"]
+    await writer.append(run_id, [events.text_delta("Half ")], floor=3, agent_path=path)
+    await writer.append(run_id, [events.text_delta("Half of the sibling's")], floor=3, agent_path=sibling)
+    await writer.append(run_id, [events.text_delta("of it, ")], floor=3, agent_path=path)
+    activities = RunActivities(
+        stack.llm,
+        writer,
+        default_registry(stack.settings.tool_modules),
+        ConversationStore(stack.redis, stack.settings.redis_prefix),
+    )
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[6])
+    round_input = CallModelInput(
+        run_id, agent, [{"role": "user", "content": key}], 3, agent_path=path, sub_run=f"{run_id}/call_1"
+    )
+
+    reply = await env.run(activities.call_model, round_input)
+
+    streamed = await writer.read_after(run_id, 0)
+    assert [e.sequence for e in streamed] == [4, 5, 6, 7]
+    assert streamed[-1].text_delta.text == "then the rest." and list(streamed[-1].agent_path) == path
+    assert (reply.text, reply.ended_run, reply.last_sequence) == ("Half of it, then the rest.", 0, 7)

@@ -59,9 +59,16 @@ class _Output:
 
     def __init__(self) -> None:
         self.at_line_start = True
+        # Who wrote the text last: "" for the run's own agent, else the sub-agent's label.
+        self._writer = ""
 
-    def text(self, text: str) -> None:
+    def text(self, text: str, who: str = "") -> None:
         if text:
+            if who != self._writer and not self.at_line_start:
+                print(flush=True)  # another agent's text starts on a line of its own
+            if who and (self.at_line_start or who != self._writer):
+                print(who, end="")
+            self._writer = who
             print(text, end="", flush=True)
             self.at_line_start = text.endswith("\n")
 
@@ -217,12 +224,13 @@ async def print_stream(
         async for event in client.stream_run(run_id, after_sequence=after_sequence):
             received = True
             kind = event.WhichOneof("kind")
-            number = f"#{event.sequence} " if show_sequence else ""
+            who = _sub_agent_label(event)
+            number = (f"#{event.sequence} " if show_sequence else "") + who
             if kind == "text_delta":
                 if show_sequence:
                     out.line(f"{number}{json.dumps(event.text_delta.text, ensure_ascii=False)}")
                 else:
-                    out.text(event.text_delta.text)
+                    out.text(event.text_delta.text, who)
             elif kind == "tool_call_started":
                 started = event.tool_call_started
                 out.line(f"{number}→ {_call(started.tool_name, _brief(started.arguments))}")
@@ -287,6 +295,11 @@ def _usage(usage: pb.Usage) -> str:
 
 def _time(timestamp: Timestamp) -> str:
     return f"{timestamp.ToDatetime(UTC).astimezone():%Y-%m-%d %H:%M:%S %Z}"
+
+
+def _sub_agent_label(event: pb.RunEvent) -> str:
+    """ "[researcher] " before what a sub-agent's run did ("[researcher/fetcher] " further down); "" for the root's."""
+    return f"[{'/'.join(event.agent_path[1:])}] " if len(event.agent_path) > 1 else ""
 
 
 def _finished(finished: pb.ToolCallFinished) -> str:
@@ -365,6 +378,10 @@ def _summary(run: pb.Run, server: str | None, cancelled: _Cancelled | None = Non
         lines.append(f"reason:   {cancelled.reason or '(none given)'}")
     if run.HasField("usage"):
         lines.append(f"usage:    {_usage(run.usage)} ({run.usage.total_tokens} total)")
+        if len(run.usage_by_agent) > 1:  # sub-agents ran: each agent's part
+            width = max(len("/".join(part.agent_path)) for part in run.usage_by_agent)
+            for part in run.usage_by_agent:
+                lines.append(f"  {'/'.join(part.agent_path):<{width}}  {_usage(part.usage)}")
     if run.pending_approvals:
         lines.append("pending approvals:")
         for request in run.pending_approvals:
@@ -474,7 +491,8 @@ async def _client_command(args: argparse.Namespace) -> int:
             for agent in await client.list_agents():
                 print(f"{agent.name}  {agent.description}".rstrip())
                 tools = ", ".join(agent.tools) or "none"
-                print(f"  model: {agent.model}; tools: {tools}; approval: {agent.approval_policy}")
+                delegates = f"; sub-agents: {', '.join(agent.sub_agents)}" if agent.sub_agents else ""
+                print(f"  model: {agent.model}; tools: {tools}{delegates}; approval: {agent.approval_policy}")
             return 0
     raise AssertionError(args.command)
 

@@ -270,7 +270,12 @@ class RunEvent(_message.Message):
     @_builtins.property
     def agent_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The agents from the root of the run to the one that emitted the event;
-        empty or a single name for the root agent.
+        empty or a single name for the root agent, for example
+        ["planner", "researcher"] for a sub-agent the planner delegated to. A
+        sub-agent's events come in the root run's stream, numbered with it; a
+        sub-agent never emits a terminal event (the delegation's
+        tool_call_finished carries its answer or its error), so the only
+        terminal event of a stream is the root run's.
         """
 
     @_builtins.property
@@ -690,6 +695,7 @@ class Run(_message.Message):
     PENDING_APPROVALS_FIELD_NUMBER: _builtins.int
     DECIDED_APPROVALS_FIELD_NUMBER: _builtins.int
     STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
+    USAGE_BY_AGENT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The id of the run."""
     agent: _builtins.str
@@ -704,7 +710,9 @@ class Run(_message.Message):
     """The conversation the run belongs to, if any."""
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """The tokens the run used, once it has completed."""
+        """The tokens the run used, once it has completed or was cancelled; its
+        sub-agents' runs included.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -716,15 +724,24 @@ class Run(_message.Message):
 
     @_builtins.property
     def pending_approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalRequested]:
-        """The approval requests that wait for an answer."""
+        """The approval requests that wait for an answer, its sub-agents' included."""
 
     @_builtins.property
     def decided_approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalDecided]:
-        """The approval requests that were answered, in order."""
+        """The approval requests that were answered, in order, its sub-agents'
+        included.
+        """
 
     @_builtins.property
     def structured_output(self) -> _struct_pb2.Value:
         """The answer parsed as JSON, when the agent declares an output schema."""
+
+    @_builtins.property
+    def usage_by_agent(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentUsage]:
+        """The usage split by agent, when usage is set: the run's own agent first,
+        then each sub-agent that finished its work, once per agent path. The
+        parts add up to usage.
+        """
 
     def __init__(
         self,
@@ -741,14 +758,49 @@ class Run(_message.Message):
         pending_approvals: _abc.Iterable[Global___ApprovalRequested] | None = ...,
         decided_approvals: _abc.Iterable[Global___ApprovalDecided] | None = ...,
         structured_output: _struct_pb2.Value | None = ...,
+        usage_by_agent: _abc.Iterable[Global___AgentUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "conversation_id", b"conversation_id", "create_time", b"create_time", "decided_approvals", b"decided_approvals", "end_time", b"end_time", "error", b"error", "output", b"output", "pending_approvals", b"pending_approvals", "run_id", b"run_id", "state", b"state", "structured_output", b"structured_output", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "conversation_id", b"conversation_id", "create_time", b"create_time", "decided_approvals", b"decided_approvals", "end_time", b"end_time", "error", b"error", "output", b"output", "pending_approvals", b"pending_approvals", "run_id", b"run_id", "state", b"state", "structured_output", b"structured_output", "usage", b"usage", "usage_by_agent", b"usage_by_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class AgentUsage(_message.Message):
+    """AgentUsage is the part of a run's usage that one agent of its tree used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_PATH_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents from the root of the run to this one, as in
+        RunEvent.agent_path: a single name for the run's own agent.
+        """
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """The tokens that the model calls of this agent's runs used, without those
+        of the sub-agents it delegated to.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent_path: _abc.Iterable[_builtins.str] | None = ...,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentUsage: _TypeAlias = AgentUsage  # noqa: Y015
 
 @_typing.final
 class ApproveRequest(_message.Message):
@@ -1022,6 +1074,7 @@ class Agent(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     APPROVAL_POLICY_FIELD_NUMBER: _builtins.int
+    SUB_AGENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name that StartRunRequest.agent takes."""
     description: _builtins.str
@@ -1034,6 +1087,12 @@ class Agent(_message.Message):
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tools the agent may call."""
 
+    @_builtins.property
+    def sub_agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents it may delegate to, each offered to its model as the tool
+        "delegate_to_<name>".
+        """
+
     def __init__(
         self,
         *,
@@ -1042,10 +1101,11 @@ class Agent(_message.Message):
         model: _builtins.str = ...,
         tools: _abc.Iterable[_builtins.str] | None = ...,
         approval_policy: _builtins.str = ...,
+        sub_agents: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_policy", b"approval_policy", "description", b"description", "model", b"model", "name", b"name", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_policy", b"approval_policy", "description", b"description", "model", b"model", "name", b"name", "sub_agents", b"sub_agents", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

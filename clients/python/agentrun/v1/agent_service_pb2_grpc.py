@@ -163,7 +163,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Approve(self, request, context):
-        """Approve answers an approval request of a run. The approver is read from
+        """Approve answers an approval request of a run, or of a sub-agent's run
+        below it (answered through the root run's id). The approver is read from
         the request metadata "x-agentrun-approver" (at most 128 characters) and
         recorded with the decision. Sending the same decision again, even after
         the run has ended, answers with the decision recorded.

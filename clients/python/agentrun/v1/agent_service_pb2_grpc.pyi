@@ -88,7 +88,8 @@ class AgentServiceStub:
     after_sequence. NOT_FOUND when there is no such run.
     """
     Approve: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]
-    """Approve answers an approval request of a run. The approver is read from
+    """Approve answers an approval request of a run, or of a sub-agent's run
+    below it (answered through the root run's id). The approver is read from
     the request metadata "x-agentrun-approver" (at most 128 characters) and
     recorded with the decision. Sending the same decision again, even after
     the run has ended, answers with the decision recorded.
@@ -188,7 +189,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     after_sequence. NOT_FOUND when there is no such run.
     """
     Approve: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ApproveRequest, _agent_service_pb2.ApproveResponse]  # type: ignore[assignment]
-    """Approve answers an approval request of a run. The approver is read from
+    """Approve answers an approval request of a run, or of a sub-agent's run
+    below it (answered through the root run's id). The approver is read from
     the request metadata "x-agentrun-approver" (at most 128 characters) and
     recorded with the decision. Sending the same decision again, even after
     the run has ended, answers with the decision recorded.
@@ -303,7 +305,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ApproveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ApproveResponse, _abc.Awaitable[_agent_service_pb2.ApproveResponse]]:
-        """Approve answers an approval request of a run. The approver is read from
+        """Approve answers an approval request of a run, or of a sub-agent's run
+        below it (answered through the root run's id). The approver is read from
         the request metadata "x-agentrun-approver" (at most 128 characters) and
         recorded with the decision. Sending the same decision again, even after
         the run has ended, answers with the decision recorded.

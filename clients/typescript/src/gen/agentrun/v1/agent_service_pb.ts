@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentrun/v1/agent_service.proto.
  */
 export const file_agentrun_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9hZ2VudHJ1bi92MS9hZ2VudF9zZXJ2aWNlLnByb3RvEgthZ2VudHJ1bi52MSJcCg9TdGFydFJ1blJlcXVlc3QSDQoFYWdlbnQYASABKAkSDQoFaW5wdXQYAiABKAkSFwoPY29udmVyc2F0aW9uX2lkGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiNAoQU3RhcnRSdW5SZXNwb25zZRIOCgZydW5faWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkiOgoQU3RyZWFtUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMiOQoRU3RyZWFtUnVuUmVzcG9uc2USJAoFZXZlbnQYASABKAsyFS5hZ2VudHJ1bi52MS5SdW5FdmVudCLGBAoIUnVuRXZlbnQSEAoIc2VxdWVuY2UYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKYWdlbnRfcGF0aBgDIAMoCRIsCgp0ZXh0X2RlbHRhGAogASgLMhYuYWdlbnRydW4udjEuVGV4dERlbHRhSAASMgoNcnVuX2NvbXBsZXRlZBgLIAEoCzIZLmFnZW50cnVuLnYxLlJ1bkNvbXBsZXRlZEgAEiwKCnJ1bl9mYWlsZWQYDCABKAsyFi5hZ2VudHJ1bi52MS5SdW5GYWlsZWRIABIyCg1ydW5fY2FuY2VsbGVkGA0gASgLMhkuYWdlbnRydW4udjEuUnVuQ2FuY2VsbGVkSAASOQoRdG9vbF9jYWxsX3N0YXJ0ZWQYDiABKAsyHC5hZ2VudHJ1bi52MS5Ub29sQ2FsbFN0YXJ0ZWRIABI7ChJ0b29sX2NhbGxfZmluaXNoZWQYDyABKAsyHS5hZ2VudHJ1bi52MS5Ub29sQ2FsbEZpbmlzaGVkSAASPAoSYXBwcm92YWxfcmVxdWVzdGVkGBAgASgLMh4uYWdlbnRydW4udjEuQXBwcm92YWxSZXF1ZXN0ZWRIABI4ChBhcHByb3ZhbF9kZWNpZGVkGBEgASgLMhwuYWdlbnRydW4udjEuQXBwcm92YWxEZWNpZGVkSAASLgoLZXZlbnRzX2xvc3QYEiABKAsyFy5hZ2VudHJ1bi52MS5FdmVudHNMb3N0SABCBgoEa2luZCIkCgpFdmVudHNMb3N0EhYKDmZpcnN0X3NlcXVlbmNlGAEgASgDIhkKCVRleHREZWx0YRIMCgR0ZXh0GAEgASgJInQKDFJ1bkNvbXBsZXRlZBIOCgZvdXRwdXQYASABKAkSIQoFdXNhZ2UYAiABKAsyEi5hZ2VudHJ1bi52MS5Vc2FnZRIxChFzdHJ1Y3R1cmVkX291dHB1dBgDIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSJICg9Ub29sQ2FsbFN0YXJ0ZWQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJIoIBChBUb29sQ2FsbEZpbmlzaGVkEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEisKBnN0YXR1cxgDIAEoDjIbLmFnZW50cnVuLnYxLlRvb2xDYWxsU3RhdHVzEg4KBnJlc3VsdBgEIAEoCRINCgVlcnJvchgFIAEoCSK5AQoRQXBwcm92YWxSZXF1ZXN0ZWQSEwoLYXBwcm92YWxfaWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkSEQoJYXJndW1lbnRzGAQgASgJEhgKEGFyZ3VtZW50c19zaGEyNTYYBSABKAkSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHNlcXVlbmNlGAcgASgDIrABCg9BcHByb3ZhbERlY2lkZWQSEwoLYXBwcm92YWxfaWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkSLwoIZGVjaXNpb24YBCABKA4yHS5hZ2VudHJ1bi52MS5BcHByb3ZhbERlY2lzaW9uEhAKCGFwcHJvdmVyGAUgASgJEg4KBnJlYXNvbhgGIAEoCRIRCgl0aW1lZF9vdXQYByABKAgiGgoJUnVuRmFpbGVkEg0KBWVycm9yGAEgASgJIh4KDFJ1bkNhbmNlbGxlZBIOCgZyZWFzb24YASABKAkigAEKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKAMSGQoRY29tcGxldGlvbl90b2tlbnMYAiABKAMSFQoNY2FjaGVkX3Rva2VucxgDIAEoAxIYChByZWFzb25pbmdfdG9rZW5zGAQgASgDEhQKDHRvdGFsX3Rva2VucxgFIAEoAyKrAwoDUnVuEg4KBnJ1bl9pZBgBIAEoCRINCgVhZ2VudBgCIAEoCRIkCgVzdGF0ZRgDIAEoDjIVLmFnZW50cnVuLnYxLlJ1blN0YXRlEg4KBm91dHB1dBgEIAEoCRIhCgV1c2FnZRgFIAEoCzISLmFnZW50cnVuLnYxLlVzYWdlEg0KBWVycm9yGAYgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjkKEXBlbmRpbmdfYXBwcm92YWxzGAogAygLMh4uYWdlbnRydW4udjEuQXBwcm92YWxSZXF1ZXN0ZWQSNwoRZGVjaWRlZF9hcHByb3ZhbHMYCyADKAsyHC5hZ2VudHJ1bi52MS5BcHByb3ZhbERlY2lkZWQSMQoRc3RydWN0dXJlZF9vdXRwdXQYDCABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUikAEKDkFwcHJvdmVSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRITCgthcHByb3ZhbF9pZBgCIAEoCRIvCghkZWNpc2lvbhgDIAEoDjIdLmFnZW50cnVuLnYxLkFwcHJvdmFsRGVjaXNpb24SDgoGcmVhc29uGAQgASgJEhgKEGFyZ3VtZW50c19zaGEyNTYYBSABKAkiZAoPQXBwcm92ZVJlc3BvbnNlEi8KCGRlY2lzaW9uGAEgASgOMh0uYWdlbnRydW4udjEuQXBwcm92YWxEZWNpc2lvbhIQCghhcHByb3ZlchgCIAEoCRIOCgZyZWFzb24YAyABKAkiHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiLwoOR2V0UnVuUmVzcG9uc2USHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSITChFDYW5jZWxSdW5SZXNwb25zZSI4Cg9MaXN0UnVuc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiSwoQTGlzdFJ1bnNSZXNwb25zZRIeCgRydW5zGAEgAygLMhAuYWdlbnRydW4udjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSITChFMaXN0QWdlbnRzUmVxdWVzdCI4ChJMaXN0QWdlbnRzUmVzcG9uc2USIgoGYWdlbnRzGAEgAygLMhIuYWdlbnRydW4udjEuQWdlbnQiYQoFQWdlbnQSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRINCgVtb2RlbBgDIAEoCRINCgV0b29scxgEIAMoCRIXCg9hcHByb3ZhbF9wb2xpY3kYBSABKAkqjAEKDlRvb2xDYWxsU3RhdHVzEiAKHFRPT0xfQ0FMTF9TVEFUVVNfVU5TUEVDSUZJRUQQABIeChpUT09MX0NBTExfU1RBVFVTX0NPTVBMRVRFRBABEhsKF1RPT0xfQ0FMTF9TVEFUVVNfRkFJTEVEEAISGwoXVE9PTF9DQUxMX1NUQVRVU19ERU5JRUQQAyqoAQoIUnVuU3RhdGUSGQoVUlVOX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRUlVOX1NUQVRFX1JVTk5JTkcQARIiCh5SVU5fU1RBVEVfV0FJVElOR19GT1JfQVBQUk9WQUwQAhIXChNSVU5fU1RBVEVfQ09NUExFVEVEEAMSFAoQUlVOX1NUQVRFX0ZBSUxFRBAEEhcKE1JVTl9TVEFURV9DQU5DRUxMRUQQBSpwChBBcHByb3ZhbERlY2lzaW9uEiEKHUFQUFJPVkFMX0RFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASHQoZQVBQUk9WQUxfREVDSVNJT05fQVBQUk9WRRABEhoKFkFQUFJPVkFMX0RFQ0lTSU9OX0RFTlkQAjKSBAoMQWdlbnRTZXJ2aWNlEkcKCFN0YXJ0UnVuEhwuYWdlbnRydW4udjEuU3RhcnRSdW5SZXF1ZXN0Gh0uYWdlbnRydW4udjEuU3RhcnRSdW5SZXNwb25zZRJMCglTdHJlYW1SdW4SHS5hZ2VudHJ1bi52MS5TdHJlYW1SdW5SZXF1ZXN0Gh4uYWdlbnRydW4udjEuU3RyZWFtUnVuUmVzcG9uc2UwARJECgdBcHByb3ZlEhsuYWdlbnRydW4udjEuQXBwcm92ZVJlcXVlc3QaHC5hZ2VudHJ1bi52MS5BcHByb3ZlUmVzcG9uc2USQQoGR2V0UnVuEhouYWdlbnRydW4udjEuR2V0UnVuUmVxdWVzdBobLmFnZW50cnVuLnYxLkdldFJ1blJlc3BvbnNlEkoKCUNhbmNlbFJ1bhIdLmFnZW50cnVuLnYxLkNhbmNlbFJ1blJlcXVlc3QaHi5hZ2VudHJ1bi52MS5DYW5jZWxSdW5SZXNwb25zZRJHCghMaXN0UnVucxIcLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVxdWVzdBodLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVzcG9uc2USTQoKTGlzdEFnZW50cxIeLmFnZW50cnVuLnYxLkxpc3RBZ2VudHNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuTGlzdEFnZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch9hZ2VudHJ1bi92MS9hZ2VudF9zZXJ2aWNlLnByb3RvEgthZ2VudHJ1bi52MSJcCg9TdGFydFJ1blJlcXVlc3QSDQoFYWdlbnQYASABKAkSDQoFaW5wdXQYAiABKAkSFwoPY29udmVyc2F0aW9uX2lkGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiNAoQU3RhcnRSdW5SZXNwb25zZRIOCgZydW5faWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkiOgoQU3RyZWFtUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMiOQoRU3RyZWFtUnVuUmVzcG9uc2USJAoFZXZlbnQYASABKAsyFS5hZ2VudHJ1bi52MS5SdW5FdmVudCLGBAoIUnVuRXZlbnQSEAoIc2VxdWVuY2UYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKYWdlbnRfcGF0aBgDIAMoCRIsCgp0ZXh0X2RlbHRhGAogASgLMhYuYWdlbnRydW4udjEuVGV4dERlbHRhSAASMgoNcnVuX2NvbXBsZXRlZBgLIAEoCzIZLmFnZW50cnVuLnYxLlJ1bkNvbXBsZXRlZEgAEiwKCnJ1bl9mYWlsZWQYDCABKAsyFi5hZ2VudHJ1bi52MS5SdW5GYWlsZWRIABIyCg1ydW5fY2FuY2VsbGVkGA0gASgLMhkuYWdlbnRydW4udjEuUnVuQ2FuY2VsbGVkSAASOQoRdG9vbF9jYWxsX3N0YXJ0ZWQYDiABKAsyHC5hZ2VudHJ1bi52MS5Ub29sQ2FsbFN0YXJ0ZWRIABI7ChJ0b29sX2NhbGxfZmluaXNoZWQYDyABKAsyHS5hZ2VudHJ1bi52MS5Ub29sQ2FsbEZpbmlzaGVkSAASPAoSYXBwcm92YWxfcmVxdWVzdGVkGBAgASgLMh4uYWdlbnRydW4udjEuQXBwcm92YWxSZXF1ZXN0ZWRIABI4ChBhcHByb3ZhbF9kZWNpZGVkGBEgASgLMhwuYWdlbnRydW4udjEuQXBwcm92YWxEZWNpZGVkSAASLgoLZXZlbnRzX2xvc3QYEiABKAsyFy5hZ2VudHJ1bi52MS5FdmVudHNMb3N0SABCBgoEa2luZCIkCgpFdmVudHNMb3N0EhYKDmZpcnN0X3NlcXVlbmNlGAEgASgDIhkKCVRleHREZWx0YRIMCgR0ZXh0GAEgASgJInQKDFJ1bkNvbXBsZXRlZBIOCgZvdXRwdXQYASABKAkSIQoFdXNhZ2UYAiABKAsyEi5hZ2VudHJ1bi52MS5Vc2FnZRIxChFzdHJ1Y3R1cmVkX291dHB1dBgDIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSJICg9Ub29sQ2FsbFN0YXJ0ZWQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJIoIBChBUb29sQ2FsbEZpbmlzaGVkEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEisKBnN0YXR1cxgDIAEoDjIbLmFnZW50cnVuLnYxLlRvb2xDYWxsU3RhdHVzEg4KBnJlc3VsdBgEIAEoCRINCgVlcnJvchgFIAEoCSK5AQoRQXBwcm92YWxSZXF1ZXN0ZWQSEwoLYXBwcm92YWxfaWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkSEQoJYXJndW1lbnRzGAQgASgJEhgKEGFyZ3VtZW50c19zaGEyNTYYBSABKAkSLAoIZGVhZGxpbmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHNlcXVlbmNlGAcgASgDIrABCg9BcHByb3ZhbERlY2lkZWQSEwoLYXBwcm92YWxfaWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRIRCgl0b29sX25hbWUYAyABKAkSLwoIZGVjaXNpb24YBCABKA4yHS5hZ2VudHJ1bi52MS5BcHByb3ZhbERlY2lzaW9uEhAKCGFwcHJvdmVyGAUgASgJEg4KBnJlYXNvbhgGIAEoCRIRCgl0aW1lZF9vdXQYByABKAgiGgoJUnVuRmFpbGVkEg0KBWVycm9yGAEgASgJIh4KDFJ1bkNhbmNlbGxlZBIOCgZyZWFzb24YASABKAkigAEKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKAMSGQoRY29tcGxldGlvbl90b2tlbnMYAiABKAMSFQoNY2FjaGVkX3Rva2VucxgDIAEoAxIYChByZWFzb25pbmdfdG9rZW5zGAQgASgDEhQKDHRvdGFsX3Rva2VucxgFIAEoAyLcAwoDUnVuEg4KBnJ1bl9pZBgBIAEoCRINCgVhZ2VudBgCIAEoCRIkCgVzdGF0ZRgDIAEoDjIVLmFnZW50cnVuLnYxLlJ1blN0YXRlEg4KBm91dHB1dBgEIAEoCRIhCgV1c2FnZRgFIAEoCzISLmFnZW50cnVuLnYxLlVzYWdlEg0KBWVycm9yGAYgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjkKEXBlbmRpbmdfYXBwcm92YWxzGAogAygLMh4uYWdlbnRydW4udjEuQXBwcm92YWxSZXF1ZXN0ZWQSNwoRZGVjaWRlZF9hcHByb3ZhbHMYCyADKAsyHC5hZ2VudHJ1bi52MS5BcHByb3ZhbERlY2lkZWQSMQoRc3RydWN0dXJlZF9vdXRwdXQYDCABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSLwoOdXNhZ2VfYnlfYWdlbnQYDSADKAsyFy5hZ2VudHJ1bi52MS5BZ2VudFVzYWdlIkMKCkFnZW50VXNhZ2USEgoKYWdlbnRfcGF0aBgBIAMoCRIhCgV1c2FnZRgCIAEoCzISLmFnZW50cnVuLnYxLlVzYWdlIpABCg5BcHByb3ZlUmVxdWVzdBIOCgZydW5faWQYASABKAkSEwoLYXBwcm92YWxfaWQYAiABKAkSLwoIZGVjaXNpb24YAyABKA4yHS5hZ2VudHJ1bi52MS5BcHByb3ZhbERlY2lzaW9uEg4KBnJlYXNvbhgEIAEoCRIYChBhcmd1bWVudHNfc2hhMjU2GAUgASgJImQKD0FwcHJvdmVSZXNwb25zZRIvCghkZWNpc2lvbhgBIAEoDjIdLmFnZW50cnVuLnYxLkFwcHJvdmFsRGVjaXNpb24SEAoIYXBwcm92ZXIYAiABKAkSDgoGcmVhc29uGAMgASgJIh8KDUdldFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIi8KDkdldFJ1blJlc3BvbnNlEh0KA3J1bhgBIAEoCzIQLmFnZW50cnVuLnYxLlJ1biIyChBDYW5jZWxSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiEwoRQ2FuY2VsUnVuUmVzcG9uc2UiOAoPTGlzdFJ1bnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIksKEExpc3RSdW5zUmVzcG9uc2USHgoEcnVucxgBIAMoCzIQLmFnZW50cnVuLnYxLlJ1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiEwoRTGlzdEFnZW50c1JlcXVlc3QiOAoSTGlzdEFnZW50c1Jlc3BvbnNlEiIKBmFnZW50cxgBIAMoCzISLmFnZW50cnVuLnYxLkFnZW50InUKBUFnZW50EgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSDQoFbW9kZWwYAyABKAkSDQoFdG9vbHMYBCADKAkSFwoPYXBwcm92YWxfcG9saWN5GAUgASgJEhIKCnN1Yl9hZ2VudHMYBiADKAkqjAEKDlRvb2xDYWxsU3RhdHVzEiAKHFRPT0xfQ0FMTF9TVEFUVVNfVU5TUEVDSUZJRUQQABIeChpUT09MX0NBTExfU1RBVFVTX0NPTVBMRVRFRBABEhsKF1RPT0xfQ0FMTF9TVEFUVVNfRkFJTEVEEAISGwoXVE9PTF9DQUxMX1NUQVRVU19ERU5JRUQQAyqoAQoIUnVuU3RhdGUSGQoVUlVOX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRUlVOX1NUQVRFX1JVTk5JTkcQARIiCh5SVU5fU1RBVEVfV0FJVElOR19GT1JfQVBQUk9WQUwQAhIXChNSVU5fU1RBVEVfQ09NUExFVEVEEAMSFAoQUlVOX1NUQVRFX0ZBSUxFRBAEEhcKE1JVTl9TVEFURV9DQU5DRUxMRUQQBSpwChBBcHByb3ZhbERlY2lzaW9uEiEKHUFQUFJPVkFMX0RFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASHQoZQVBQUk9WQUxfREVDSVNJT05fQVBQUk9WRRABEhoKFkFQUFJPVkFMX0RFQ0lTSU9OX0RFTlkQAjKSBAoMQWdlbnRTZXJ2aWNlEkcKCFN0YXJ0UnVuEhwuYWdlbnRydW4udjEuU3RhcnRSdW5SZXF1ZXN0Gh0uYWdlbnRydW4udjEuU3RhcnRSdW5SZXNwb25zZRJMCglTdHJlYW1SdW4SHS5hZ2VudHJ1bi52MS5TdHJlYW1SdW5SZXF1ZXN0Gh4uYWdlbnRydW4udjEuU3RyZWFtUnVuUmVzcG9uc2UwARJECgdBcHByb3ZlEhsuYWdlbnRydW4udjEuQXBwcm92ZVJlcXVlc3QaHC5hZ2VudHJ1bi52MS5BcHByb3ZlUmVzcG9uc2USQQoGR2V0UnVuEhouYWdlbnRydW4udjEuR2V0UnVuUmVxdWVzdBobLmFnZW50cnVuLnYxLkdldFJ1blJlc3BvbnNlEkoKCUNhbmNlbFJ1bhIdLmFnZW50cnVuLnYxLkNhbmNlbFJ1blJlcXVlc3QaHi5hZ2VudHJ1bi52MS5DYW5jZWxSdW5SZXNwb25zZRJHCghMaXN0UnVucxIcLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVxdWVzdBodLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVzcG9uc2USTQoKTGlzdEFnZW50cxIeLmFnZW50cnVuLnYxLkxpc3RBZ2VudHNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuTGlzdEFnZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * StartRunRequest names the agent to run and the user's input for it.
@@ -171,7 +171,12 @@ export type RunEvent = Message<"agentrun.v1.RunEvent"> & {
 
   /**
    * The agents from the root of the run to the one that emitted the event;
-   * empty or a single name for the root agent.
+   * empty or a single name for the root agent, for example
+   * ["planner", "researcher"] for a sub-agent the planner delegated to. A
+   * sub-agent's events come in the root run's stream, numbered with it; a
+   * sub-agent never emits a terminal event (the delegation's
+   * tool_call_finished carries its answer or its error), so the only
+   * terminal event of a stream is the root run's.
    *
    * @generated from field: repeated string agent_path = 3;
    */
@@ -685,7 +690,8 @@ export type Run = Message<"agentrun.v1.Run"> & {
   output: string;
 
   /**
-   * The tokens the run used, once it has completed.
+   * The tokens the run used, once it has completed or was cancelled; its
+   * sub-agents' runs included.
    *
    * @generated from field: agentrun.v1.Usage usage = 5;
    */
@@ -720,14 +726,15 @@ export type Run = Message<"agentrun.v1.Run"> & {
   endTime?: Timestamp | undefined;
 
   /**
-   * The approval requests that wait for an answer.
+   * The approval requests that wait for an answer, its sub-agents' included.
    *
    * @generated from field: repeated agentrun.v1.ApprovalRequested pending_approvals = 10;
    */
   pendingApprovals: ApprovalRequested[];
 
   /**
-   * The approval requests that were answered, in order.
+   * The approval requests that were answered, in order, its sub-agents'
+   * included.
    *
    * @generated from field: repeated agentrun.v1.ApprovalDecided decided_approvals = 11;
    */
@@ -739,6 +746,15 @@ export type Run = Message<"agentrun.v1.Run"> & {
    * @generated from field: google.protobuf.Value structured_output = 12;
    */
   structuredOutput?: Value | undefined;
+
+  /**
+   * The usage split by agent, when usage is set: the run's own agent first,
+   * then each sub-agent that finished its work, once per agent path. The
+   * parts add up to usage.
+   *
+   * @generated from field: repeated agentrun.v1.AgentUsage usage_by_agent = 13;
+   */
+  usageByAgent: AgentUsage[];
 };
 
 /**
@@ -747,6 +763,36 @@ export type Run = Message<"agentrun.v1.Run"> & {
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
   messageDesc(file_agentrun_v1_agent_service, 15);
+
+/**
+ * AgentUsage is the part of a run's usage that one agent of its tree used.
+ *
+ * @generated from message agentrun.v1.AgentUsage
+ */
+export type AgentUsage = Message<"agentrun.v1.AgentUsage"> & {
+  /**
+   * The agents from the root of the run to this one, as in
+   * RunEvent.agent_path: a single name for the run's own agent.
+   *
+   * @generated from field: repeated string agent_path = 1;
+   */
+  agentPath: string[];
+
+  /**
+   * The tokens that the model calls of this agent's runs used, without those
+   * of the sub-agents it delegated to.
+   *
+   * @generated from field: agentrun.v1.Usage usage = 2;
+   */
+  usage?: Usage | undefined;
+};
+
+/**
+ * Describes the message agentrun.v1.AgentUsage.
+ * Use `create(AgentUsageSchema)` to create a new message.
+ */
+export const AgentUsageSchema: GenMessage<AgentUsage> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_agent_service, 16);
 
 /**
  * ApproveRequest answers one approval request of a run.
@@ -799,7 +845,7 @@ export type ApproveRequest = Message<"agentrun.v1.ApproveRequest"> & {
  * Use `create(ApproveRequestSchema)` to create a new message.
  */
 export const ApproveRequestSchema: GenMessage<ApproveRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 16);
+  messageDesc(file_agentrun_v1_agent_service, 17);
 
 /**
  * ApproveResponse reports the decision that the run recorded.
@@ -834,7 +880,7 @@ export type ApproveResponse = Message<"agentrun.v1.ApproveResponse"> & {
  * Use `create(ApproveResponseSchema)` to create a new message.
  */
 export const ApproveResponseSchema: GenMessage<ApproveResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 17);
+  messageDesc(file_agentrun_v1_agent_service, 18);
 
 /**
  * GetRunRequest names the run to read.
@@ -855,7 +901,7 @@ export type GetRunRequest = Message<"agentrun.v1.GetRunRequest"> & {
  * Use `create(GetRunRequestSchema)` to create a new message.
  */
 export const GetRunRequestSchema: GenMessage<GetRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 18);
+  messageDesc(file_agentrun_v1_agent_service, 19);
 
 /**
  * GetRunResponse carries the run's state.
@@ -876,7 +922,7 @@ export type GetRunResponse = Message<"agentrun.v1.GetRunResponse"> & {
  * Use `create(GetRunResponseSchema)` to create a new message.
  */
 export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 19);
+  messageDesc(file_agentrun_v1_agent_service, 20);
 
 /**
  * CancelRunRequest names the run to cancel.
@@ -905,7 +951,7 @@ export type CancelRunRequest = Message<"agentrun.v1.CancelRunRequest"> & {
  * Use `create(CancelRunRequestSchema)` to create a new message.
  */
 export const CancelRunRequestSchema: GenMessage<CancelRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 20);
+  messageDesc(file_agentrun_v1_agent_service, 21);
 
 /**
  * CancelRunResponse confirms that the cancellation was requested.
@@ -920,7 +966,7 @@ export type CancelRunResponse = Message<"agentrun.v1.CancelRunResponse"> & {
  * Use `create(CancelRunResponseSchema)` to create a new message.
  */
 export const CancelRunResponseSchema: GenMessage<CancelRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 21);
+  messageDesc(file_agentrun_v1_agent_service, 22);
 
 /**
  * ListRunsRequest asks for one page of runs.
@@ -948,7 +994,7 @@ export type ListRunsRequest = Message<"agentrun.v1.ListRunsRequest"> & {
  * Use `create(ListRunsRequestSchema)` to create a new message.
  */
 export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 22);
+  messageDesc(file_agentrun_v1_agent_service, 23);
 
 /**
  * ListRunsResponse carries one page of runs, newest first.
@@ -976,7 +1022,7 @@ export type ListRunsResponse = Message<"agentrun.v1.ListRunsResponse"> & {
  * Use `create(ListRunsResponseSchema)` to create a new message.
  */
 export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 23);
+  messageDesc(file_agentrun_v1_agent_service, 24);
 
 /**
  * ListAgentsRequest asks for the configured agents; it has no fields yet.
@@ -991,7 +1037,7 @@ export type ListAgentsRequest = Message<"agentrun.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 24);
+  messageDesc(file_agentrun_v1_agent_service, 25);
 
 /**
  * ListAgentsResponse carries every configured agent, ordered by name.
@@ -1012,7 +1058,7 @@ export type ListAgentsResponse = Message<"agentrun.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 25);
+  messageDesc(file_agentrun_v1_agent_service, 26);
 
 /**
  * Agent describes one configured agent, as far as a caller needs to choose it.
@@ -1054,6 +1100,14 @@ export type Agent = Message<"agentrun.v1.Agent"> & {
    * @generated from field: string approval_policy = 5;
    */
   approvalPolicy: string;
+
+  /**
+   * The agents it may delegate to, each offered to its model as the tool
+   * "delegate_to_<name>".
+   *
+   * @generated from field: repeated string sub_agents = 6;
+   */
+  subAgents: string[];
 };
 
 /**
@@ -1061,7 +1115,7 @@ export type Agent = Message<"agentrun.v1.Agent"> & {
  * Use `create(AgentSchema)` to create a new message.
  */
 export const AgentSchema: GenMessage<Agent> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_agent_service, 26);
+  messageDesc(file_agentrun_v1_agent_service, 27);
 
 /**
  * ToolCallStatus says how a tool call ended.
@@ -1267,7 +1321,8 @@ export const AgentService: GenService<{
     output: typeof StreamRunResponseSchema;
   },
   /**
-   * Approve answers an approval request of a run. The approver is read from
+   * Approve answers an approval request of a run, or of a sub-agent's run
+   * below it (answered through the root run's id). The approver is read from
    * the request metadata "x-agentrun-approver" (at most 128 characters) and
    * recorded with the decision. Sending the same decision again, even after
    * the run has ended, answers with the decision recorded.
