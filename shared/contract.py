@@ -67,6 +67,9 @@ class ErrorType(StrEnum):
     STREAM_UNAVAILABLE = "StreamUnavailable"
     # A worker lacks a tool that the run's agent snapshot needs, or has a different version of it.
     SNAPSHOT_UNSUPPORTED = "SnapshotUnsupported"
+    # Redis lost the run's transcript (shared/transcripts.py): the workflow sends it whole again, or fails the run
+    # when it no longer has all of it.
+    TRANSCRIPT_LOST = "TranscriptLost"
 
 
 @dataclass
@@ -164,8 +167,9 @@ class ToolCallRequest:
 class CallModelInput:
     """One model round of a run.
 
-    ``messages`` are the run's own messages so far (its user message first); ``after_sequence`` is the last
-    event the workflow knows was published.
+    ``messages`` are the run's own messages (its user message first) from index ``first_message`` on: those that
+    the run's transcript in Redis does not hold yet (all of them when ``first_message`` is 0, as in runs that
+    predate transcripts). ``after_sequence`` is the last event the workflow knows was published.
     """
 
     run_id: str
@@ -182,6 +186,7 @@ class CallModelInput:
     tool_digests: dict[str, str] = field(default_factory=dict)
     # What the run's earlier rounds cost: a round whose reply is the run's answer ends the run with the total.
     usage_before: Usage = field(default_factory=Usage)
+    first_message: int = 0
 
 
 @dataclass

@@ -63,6 +63,36 @@ TOOL_RETRY = RetryPolicy(
 PUBLISH_TIMEOUT = timedelta(minutes=2)
 # Runs started before the run timeout existed replay without its timer.
 RUN_TIMEOUT_PATCH = "run-timeout"
+# Runs started before transcripts were kept in Redis send their whole message list in every model round.
+TRANSCRIPT_PATCH = "transcript-in-redis"
+
+
+class _Transcript:
+    """The run's messages, and how many of them the run's transcript in Redis holds (shared/transcripts.py).
+
+    A model round sends only the messages added since the round before, so that each message enters the history
+    about twice (in the result that brought it and in the next round's input) instead of once in every round.
+    """
+
+    def __init__(self, messages: list[dict[str, Any]], incremental: bool) -> None:
+        self.messages = messages
+        # False in runs that predate transcripts in Redis: every round sends every message, as it did then.
+        self.incremental = incremental
+        self.stored = 0
+
+    def add(self, *messages: dict[str, Any]) -> None:
+        self.messages += messages
+
+    def unsent(self) -> tuple[int, list[dict[str, Any]]]:
+        """Where the messages that Redis lacks start in the transcript, and those messages."""
+        start = self.stored if self.incremental else 0
+        return start, self.messages[start:]
+
+    def sent(self) -> None:
+        self.stored = len(self.messages)
+
+    def resend_all(self) -> None:
+        self.stored = 0
 
 
 class _RunFailure(Exception):
@@ -99,18 +129,19 @@ class AgentRunWorkflow:
     async def _run(self, input: RunInput) -> RunResult:
         agent = input.agent
         self._agent_path = [agent.name]
-        messages: list[dict[str, Any]] = [{"role": "user", "content": input.input}]
+        transcript = _Transcript([{"role": "user", "content": input.input}], workflow.patched(TRANSCRIPT_PATCH))
         usage = Usage()
         try:
             for round in range(agent.max_iterations):
                 final = round == agent.max_iterations - 1
-                reply = await self._call_model(input, messages, round, usage, final_round=final and bool(agent.tools))
+                reply = await self._call_model(input, transcript, round, usage, final_round=final and bool(agent.tools))
                 usage += reply.usage
-                messages.append(reply.message)
+                transcript.add(reply.message)
                 if not reply.tool_calls:
                     break
                 # The calls of one round run concurrently; their results go back in call order.
-                messages += await asyncio.gather(*(self._tool_call(input, call, final) for call in reply.tool_calls))
+                results = await asyncio.gather(*(self._tool_call(input, call, final) for call in reply.tool_calls))
+                transcript.add(*results)
                 if final:
                     break
             if reply.output_error:
@@ -145,8 +176,23 @@ class AgentRunWorkflow:
         return RunResult(reply.text, usage, last, reply.structured_output)
 
     async def _call_model(
-        self, input: RunInput, messages: list[dict[str, Any]], round: int, usage_before: Usage, *, final_round: bool
+        self, input: RunInput, transcript: _Transcript, round: int, usage_before: Usage, *, final_round: bool
     ) -> ModelReply:
+        try:
+            reply = await self._model_round(input, transcript, round, usage_before, final_round=final_round)
+        except ActivityError as err:
+            if not _transcript_lost(err):
+                raise
+            # Redis lost the messages that earlier rounds sent; the workflow has them all: it sends them again.
+            transcript.resend_all()
+            reply = await self._model_round(input, transcript, round, usage_before, final_round=final_round)
+        transcript.sent()
+        return reply
+
+    async def _model_round(
+        self, input: RunInput, transcript: _Transcript, round: int, usage_before: Usage, *, final_round: bool
+    ) -> ModelReply:
+        first_message, messages = transcript.unsent()
         reply = await workflow.execute_activity_method(
             RunActivities.call_model,
             CallModelInput(
@@ -160,6 +206,7 @@ class AgentRunWorkflow:
                 agent_path=self._agent_path,
                 tool_digests=self._tool_digests,
                 usage_before=usage_before,
+                first_message=first_message,
             ),
             start_to_close_timeout=MODEL_CALL_TIMEOUT,
             heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
@@ -335,6 +382,10 @@ def _published_floor(err: ActivityError) -> int:
     else:
         details = ()
     return max((d for d in details if isinstance(d, int)), default=0)
+
+
+def _transcript_lost(err: ActivityError) -> bool:
+    return isinstance(err.cause, ApplicationError) and err.cause.type == ErrorType.TRANSCRIPT_LOST
 
 
 def _failure_message(err: ActivityError) -> str:
