@@ -8,6 +8,7 @@ histories hold. Nothing here imports ``openai``, ``redis`` or the tools.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -24,6 +25,9 @@ MEMO_LAST_SEQUENCE = "last_sequence"
 MEMO_APPROVALS = "approvals"
 # The tokens the run used, recorded when it ends (a cancelled run has no result to carry them).
 MEMO_USAGE = "usage"
+# When the run's first execution started; only runs that continued as new have it (Temporal's start time is then
+# the latest execution's).
+MEMO_STARTED = "started"
 
 # The approver recorded when an approval's deadline decides it.
 TIMEOUT_APPROVER = "agentrun:timeout"
@@ -109,6 +113,30 @@ class RunInput:
     agent: AgentConfig
     input: str
     conversation_id: str = ""
+    # Set when the run continued as new: where the earlier executions left it.
+    progress: RunProgress | None = None
+
+
+@dataclass
+class RunProgress:
+    """What a run's earlier executions did, carried into the execution that continues it as new."""
+
+    # When the first execution started: the run's timeout counts from there.
+    started_at: datetime
+    # The next model round.
+    round: int
+    last_sequence: int
+    # How many batches of events the workflow has published (each is named by its number).
+    batches: int
+    usage: Usage
+    approvals: list[Approval]
+    tool_digests: dict[str, str]
+    # The run's messages from index ``first_message`` on: all of them (0) when they are small, else those that
+    # its transcript in Redis does not hold yet.
+    messages: list[dict[str, Any]]
+    first_message: int
+    # How many messages the transcript in Redis holds.
+    stored_messages: int
 
 
 @dataclass

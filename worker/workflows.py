@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import timedelta
@@ -19,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
         DECIDE_APPROVAL_UPDATE,
         MEMO_APPROVALS,
         MEMO_LAST_SEQUENCE,
+        MEMO_STARTED,
         MEMO_USAGE,
         TIMEOUT_APPROVER,
         WORKFLOW_NAME,
@@ -33,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         RunEnd,
         RunInput,
         RunOutcome,
+        RunProgress,
         RunResult,
         RunToolInput,
         ToolCallEnd,
@@ -65,6 +69,12 @@ PUBLISH_TIMEOUT = timedelta(minutes=2)
 RUN_TIMEOUT_PATCH = "run-timeout"
 # Runs started before transcripts were kept in Redis send their whole message list in every model round.
 TRANSCRIPT_PATCH = "transcript-in-redis"
+# Runs started before continue-as-new never continue as new.
+CONTINUE_AS_NEW_PATCH = "continue-as-new"
+# A run that continues as new carries its messages into the next execution when they are at most this large (as
+# JSON); larger ones are only in Redis then (and in the histories of the earlier executions). Temporal warns about
+# payloads past 512 KB, and the input holds the agent's snapshot and the approvals beside them.
+CARRIED_MESSAGES_MAX_BYTES = 256 << 10
 
 
 class _Transcript:
@@ -74,11 +84,14 @@ class _Transcript:
     about twice (in the result that brought it and in the next round's input) instead of once in every round.
     """
 
-    def __init__(self, messages: list[dict[str, Any]], incremental: bool) -> None:
+    def __init__(self, messages: list[dict[str, Any]], incremental: bool, *, first: int = 0, stored: int = 0) -> None:
+        # The run's messages from index ``first`` on: after a continue-as-new that could not carry them all, the
+        # earlier ones are only in Redis.
         self.messages = messages
+        self.first = first
         # False in runs that predate transcripts in Redis: every round sends every message, as it did then.
         self.incremental = incremental
-        self.stored = 0
+        self.stored = stored
 
     def add(self, *messages: dict[str, Any]) -> None:
         self.messages += messages
@@ -86,13 +99,26 @@ class _Transcript:
     def unsent(self) -> tuple[int, list[dict[str, Any]]]:
         """Where the messages that Redis lacks start in the transcript, and those messages."""
         start = self.stored if self.incremental else 0
-        return start, self.messages[start:]
+        return start, self.messages[start - self.first :]
 
     def sent(self) -> None:
-        self.stored = len(self.messages)
+        self.stored = self.first + len(self.messages)
 
-    def resend_all(self) -> None:
+    def resend_all(self) -> bool:
+        """Sends every message again in the next round; False when this execution no longer has them all."""
+        if self.first:
+            return False
         self.stored = 0
+        return True
+
+    def carried(self) -> tuple[int, list[dict[str, Any]]] | None:
+        """What a continue-as-new takes along: where its messages start, and the messages: all of them when they
+        are small, else those Redis lacks; None when even those are too large to carry now."""
+        for start in (self.first, self.stored):
+            messages = self.messages[start - self.first :]
+            if len(json.dumps(messages)) <= CARRIED_MESSAGES_MAX_BYTES:
+                return start, messages
+        return None
 
 
 class _RunFailure(Exception):
@@ -120,7 +146,7 @@ class AgentRunWorkflow:
             return await self._run(input)
         timeout = input.agent.run_timeout_seconds()
         try:
-            return await asyncio.wait_for(self._run(input), timeout)
+            return await asyncio.wait_for(self._run(input), _time_left(input, timeout))
         except TimeoutError:
             message = f"the run exceeded its timeout of {timeout:g} s ({input.agent.mode} mode)"
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
@@ -129,10 +155,10 @@ class AgentRunWorkflow:
     async def _run(self, input: RunInput) -> RunResult:
         agent = input.agent
         self._agent_path = [agent.name]
-        transcript = _Transcript([{"role": "user", "content": input.input}], workflow.patched(TRANSCRIPT_PATCH))
-        usage = Usage()
+        transcript, usage, first_round = self._start_or_resume(input)
+        continues = workflow.patched(CONTINUE_AS_NEW_PATCH)
         try:
-            for round in range(agent.max_iterations):
+            for round in range(first_round, agent.max_iterations):
                 final = round == agent.max_iterations - 1
                 reply = await self._call_model(input, transcript, round, usage, final_round=final and bool(agent.tools))
                 usage += reply.usage
@@ -144,6 +170,8 @@ class AgentRunWorkflow:
                 transcript.add(*results)
                 if final:
                     break
+                if continues:
+                    await self._continue_as_new_if_due(input, transcript, round + 1, usage)
             if reply.output_error:
                 raise _RunFailure(reply.output_error, ErrorType.INVALID_OUTPUT)
         except (ActivityError, asyncio.CancelledError) as err:
@@ -175,6 +203,56 @@ class AgentRunWorkflow:
             last = await self._finish(input, outcome)
         return RunResult(reply.text, usage, last, reply.structured_output)
 
+    def _start_or_resume(self, input: RunInput) -> tuple[_Transcript, Usage, int]:
+        """The run's messages, usage and next round: from its input, or where the earlier executions left it when
+        it continued as new."""
+        incremental = workflow.patched(TRANSCRIPT_PATCH)
+        progress = input.progress
+        if progress is None:
+            return _Transcript([{"role": "user", "content": input.input}], incremental), Usage(), 0
+        self._last_sequence, self._batches = progress.last_sequence, progress.batches
+        self._approvals = {approval.approval_id: approval for approval in progress.approvals}
+        self._tool_digests = progress.tool_digests
+        transcript = _Transcript(
+            progress.messages, incremental, first=progress.first_message, stored=progress.stored_messages
+        )
+        return transcript, progress.usage, progress.round
+
+    async def _continue_as_new_if_due(self, input: RunInput, transcript: _Transcript, round: int, usage: Usage) -> None:
+        """Goes on in a new execution of the run before its history nears Temporal's limits.
+
+        Called between rounds, when no tool call or approval is in flight; an Approve still being handled finishes
+        first. The run id (the workflow id), its stream's numbering, its approvals and its memo go on unchanged.
+        """
+        info = workflow.info()
+        agent = input.agent
+        due = (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= agent.continue_as_new_after_events
+            or info.get_current_history_size() >= agent.continue_as_new_after_bytes
+        )
+        carried = transcript.carried() if due and transcript.incremental else None
+        if carried is None:
+            return  # not yet; or this round's messages are too large to carry: the next round's may not be
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        started_at = input.progress.started_at if input.progress else info.workflow_start_time
+        first_message, messages = carried
+        progress = RunProgress(
+            started_at=started_at,
+            round=round,
+            last_sequence=self._last_sequence,
+            batches=self._batches,
+            usage=usage,
+            approvals=list(self._approvals.values()),
+            tool_digests=self._tool_digests,
+            messages=messages,
+            first_message=first_message,
+            stored_messages=transcript.stored,
+        )
+        workflow.continue_as_new(
+            dataclasses.replace(input, progress=progress), memo={**workflow.memo(), MEMO_STARTED: started_at}
+        )
+
     async def _call_model(
         self, input: RunInput, transcript: _Transcript, round: int, usage_before: Usage, *, final_round: bool
     ) -> ModelReply:
@@ -184,7 +262,14 @@ class AgentRunWorkflow:
             if not _transcript_lost(err):
                 raise
             # Redis lost the messages that earlier rounds sent; the workflow has them all: it sends them again.
-            transcript.resend_all()
+            if not transcript.resend_all():
+                raise _RunFailure(
+                    f"Redis lost the run's transcript, and the first {transcript.first} of its "
+                    f"{transcript.first + len(transcript.messages)} messages (the user's input and the earliest "
+                    "rounds' calls and results) were too large to carry through a continue-as-new: they are only in "
+                    "the Temporal histories of the run's earlier executions",
+                    ErrorType.TRANSCRIPT_LOST,
+                ) from err
             reply = await self._model_round(input, transcript, round, usage_before, final_round=final_round)
         transcript.sent()
         return reply
@@ -382,6 +467,13 @@ def _published_floor(err: ActivityError) -> int:
     else:
         details = ()
     return max((d for d in details if isinstance(d, int)), default=0)
+
+
+def _time_left(input: RunInput, timeout: float) -> float:
+    """The run's timeout counts from its first execution's start, not from the latest continue-as-new."""
+    if input.progress is None:
+        return timeout
+    return timeout - (workflow.now() - input.progress.started_at).total_seconds()
 
 
 def _transcript_lost(err: ActivityError) -> bool:

@@ -1,7 +1,9 @@
-"""Long runs over the real stack: the transcript stays out of Temporal's history."""
+"""Long runs over the real stack: the transcript stays out of Temporal's history, and a run continues as new
+before its history nears Temporal's limits, as the same run to every caller."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -61,15 +63,40 @@ async def executions(stack: Stack, run_id: str) -> list[Execution]:
             return found
 
 
+async def ended_runs(stack: Stack) -> list[pb.Run]:
+    """ListRuns once every run it lists has ended (visibility is eventually consistent)."""
+    for _ in range(100):
+        runs = list((await stack.client.list_runs()).runs)
+        if runs and all(r.state not in (pb.RUN_STATE_RUNNING, pb.RUN_STATE_WAITING_FOR_APPROVAL) for r in runs):
+            return runs
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"ListRuns still lists runs that go on: {runs}")
+
+
+async def next_approval_request(stack: Stack, run_id: str, after: pb.RunEvent) -> pb.RunEvent:
+    """The first approval request after the event ``after`` (a pending request seen before comes again on resume)."""
+    async for event in stack.client.stream_run(run_id, after_sequence=after.sequence):
+        if event.HasField("approval_requested") and event.sequence > after.sequence:
+            return event
+    raise AssertionError("the run ended without another approval request")
+
+
 def pad(round: int) -> dict[str, object]:
     return calls(("pad", {"text": f"round {round}:", "size": RESULT_SIZE}))
 
 
-async def test_a_run_of_300_rounds_of_20_kb_results_carries_each_message_about_twice(stack: Stack) -> None:
+async def test_a_run_of_300_rounds_of_20_kb_results_continues_as_new_and_streams_as_one(stack: Stack) -> None:
     key = stack.model.script(*(pad(n) for n in range(ROUNDS)), {"text": "done"}, keep_requests=1)
     run_id = await stack.client.start_run("long", f"{key} go")
+    created = (await stack.client.get_run(run_id)).create_time
 
-    events = await collect(stack, run_id)
+    events = []
+    async for event in stack.client.stream_run(run_id):
+        events.append(event)
+        if event.tool_call_finished.result.startswith(f"round {ROUNDS // 2}:"):
+            # Past the first continue-as-new (after about 80 rounds): still the same running run.
+            run = await stack.client.get_run(run_id)
+            assert (run.state, run.agent, run.create_time) == (pb.RUN_STATE_RUNNING, "long", created)
 
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert events[-1].run_completed.output == "done"
@@ -79,15 +106,18 @@ async def test_a_run_of_300_rounds_of_20_kb_results_carries_each_message_about_t
     contents = [m["content"] for m in tool_messages(stack.model.server.requests_for(key)[-1])]
     assert [c.split(":")[0] for c in contents] == [f"round {n}" for n in range(ROUNDS)]
     run = await stack.client.get_run(run_id)
-    assert (run.state, run.output) == (pb.RUN_STATE_COMPLETED, "done")
+    assert (run.state, run.output, run.create_time) == (pb.RUN_STATE_COMPLETED, "done", created)
+    assert run.usage == events[-1].run_completed.usage and run.usage.prompt_tokens > ROUNDS
+    assert [r.run_id for r in await ended_runs(stack)] == [run_id]  # once, not once per execution
 
     runs = await executions(stack, run_id)
+    assert len(runs) > 1
     total_events = sum(len(r.history.events) for r in runs)
     total_bytes = sum(r.size for r in runs)
     print(f"{ROUNDS} rounds: {len(runs)} executions, {total_events} events, {total_bytes} bytes of history")
     for execution in runs:
-        assert len(execution.history.events) < TEMPORAL_MAX_EVENTS / 5
-        assert execution.size < TEMPORAL_MAX_BYTES / 3
+        assert len(execution.history.events) < TEMPORAL_MAX_EVENTS / 20
+        assert execution.size < TEMPORAL_MAX_BYTES / 10
         # Each round's input carries the round's new messages only: one call and its result, not the transcript.
         inputs = execution.model_inputs()
         assert all(len(i["messages"]) <= 2 for i in inputs[1:])
@@ -124,3 +154,100 @@ async def test_a_transcript_that_redis_lost_is_sent_again_and_the_run_completes(
     # The third round was sent twice: from where the second left off, then whole.
     starts = [(i.get("first_message", 0), len(i["messages"])) for i in execution.model_inputs()]
     assert starts == [(0, 1), (1, 2), (3, 2), (0, 5)]
+
+
+async def test_approvals_are_asked_and_decided_across_continues_as_new(stack: Stack) -> None:
+    key = stack.model.script(
+        calls(("echo", {"text": "first"})),
+        calls(("calculator", {"expression": "6 * 7"})),
+        calls(("echo", {"text": "second"})),
+        {"text": "done"},
+    )
+    run_id = await stack.client.start_run("stepwise", key)  # continues as new after every round
+    _, first = await until(stack, run_id, "approval_requested")
+    await approve(stack, run_id, first.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    second = await next_approval_request(stack, run_id, after=first)
+
+    waiting = await stack.client.get_run(run_id)
+    assert waiting.state == pb.RUN_STATE_WAITING_FOR_APPROVAL
+    assert [p.approval_id for p in waiting.pending_approvals] == [second.approval_requested.approval_id]
+    assert [d.approval_id for d in waiting.decided_approvals] == [first.approval_requested.approval_id]
+    # The decision made two executions ago is still the run's: the same answer again is answered with it.
+    again = await approve(stack, run_id, first.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    assert (again.decision, again.approver) == (pb.APPROVAL_DECISION_APPROVE, "alice")
+    await approve(stack, run_id, second.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    events = await collect(stack, run_id)
+
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].run_completed.output == "done"
+    assert [m["content"] for m in tool_messages(stack.model.server.requests_for(key)[-1])] == ["first", "42", "second"]
+    run = await stack.client.get_run(run_id)
+    assert run.state == pb.RUN_STATE_COMPLETED and len(run.decided_approvals) == 2
+    assert len(await executions(stack, run_id)) == 4  # one per round
+
+
+async def test_a_continued_run_is_cancelled_like_any_other(stack: Stack) -> None:
+    key = stack.model.script(calls(("calculator", {"expression": "1 + 1"})), calls(("echo", {"text": "wait"})))
+    run_id = await stack.client.start_run("stepwise", key)
+    await until(stack, run_id, "approval_requested")  # in the second execution
+
+    await stack.client.cancel_run(run_id, reason="enough")
+    events = await collect(stack, run_id)
+
+    assert events[-1].run_cancelled.reason == "enough"
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    run = await stack.client.get_run(run_id)
+    assert run.state == pb.RUN_STATE_CANCELLED and not run.pending_approvals
+    assert len(await executions(stack, run_id)) == 2
+
+
+async def test_the_run_timeout_counts_from_the_runs_start_not_from_each_continue_as_new(stack: Stack) -> None:
+    # Twenty rounds of 0.4 s in a run allowed 3 s: each execution alone would be within the timeout.
+    key = stack.model.script(*[calls(("nap", {"seconds": 0.4}))] * 20, {"text": "too late"})
+    run_id = await stack.client.start_run("stepwise_short", key)
+
+    events = await collect(stack, run_id)
+
+    assert events[-1].run_failed.error == "the run exceeded its timeout of 3 s (interactive mode)"
+    assert len(await executions(stack, run_id)) > 1
+
+
+async def test_a_transcript_lost_after_a_continue_as_new_is_sent_again_when_it_was_carried(stack: Stack) -> None:
+    key = stack.model.script(
+        calls(("calculator", {"expression": "6 * 7"})), calls(("echo", {"text": "again"})), {"text": "done"}
+    )
+    run_id = await stack.client.start_run("stepwise", key)
+    _, requested = await until(stack, run_id, "approval_requested")  # in the second execution
+    await stack.redis.delete(transcript_key(stack.settings.redis_prefix, run_id))
+
+    await approve(stack, run_id, requested.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    events = await collect(stack, run_id, after=requested.sequence)
+
+    assert events[-1].run_completed.output == "done"
+    request = stack.model.server.requests_for(key)[-1]
+    assert [m["role"] for m in request["messages"]] == ["user", "assistant", "tool", "assistant", "tool"]
+
+
+async def test_a_transcript_lost_after_a_continue_as_new_too_large_to_carry_it_fails_the_run_saying_so(
+    stack: Stack,
+) -> None:
+    big = 150_000  # two results are more than a continue-as-new carries
+    key = stack.model.script(
+        calls(("pad", {"text": "a", "size": big})),
+        calls(("pad", {"text": "b", "size": big})),
+        calls(("echo", {"text": "pause"})),
+        {"text": "never"},
+    )
+    run_id = await stack.client.start_run("stepwise", key)
+    _, requested = await until(stack, run_id, "approval_requested")
+    await stack.redis.delete(transcript_key(stack.settings.redis_prefix, run_id))
+
+    await approve(stack, run_id, requested.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    events = await collect(stack, run_id, after=requested.sequence)
+
+    assert events[-1].run_failed.error == (
+        "Redis lost the run's transcript, and the first 3 of its 7 messages (the user's input and the earliest "
+        "rounds' calls and results) were too large to carry through a continue-as-new: they are only in the "
+        "Temporal histories of the run's earlier executions"
+    )
+    assert len(stack.model.server.requests_for(key)) == 3  # the model was not asked with a broken transcript

@@ -61,8 +61,13 @@ class Scenario:
     agent: str
     steps: list[dict[str, Any]]
     conversation_id: str = ""
+    # Given a handle to the run's latest execution.
     act: Callable[[WorkflowHandle[Any, Any]], Awaitable[None]] | None = None
+    # Record the run's last execution rather than its first (they differ when it continued as new).
+    last_execution: bool = False
 
+
+CONTINUED_STEPS = [call("calculator", expression="6*7"), call("echo", text="hi"), {"text": "done"}]
 
 SCENARIOS = {
     # Recorded before tools existed: they keep the single-round path replayable.
@@ -87,6 +92,10 @@ SCENARIOS = {
     "answer_ends_run_in_conversation": Scenario(
         "chat", [{"text": "Hello once more."}], conversation_id="recorded-conversation-2"
     ),
+    # Continue-as-new after every round: the first execution ends by continuing; the last one starts from the
+    # progress the others carried (an approval decided in the second among it) and completes.
+    "continued_first_execution": Scenario("stepwise", CONTINUED_STEPS, act=approve_first),
+    "continued_last_execution": Scenario("stepwise", CONTINUED_STEPS, act=approve_first, last_execution=True),
 }
 
 
@@ -136,13 +145,15 @@ async def main() -> None:
                         id=run_id,
                         task_queue=settings.task_queue,
                     )
+                    latest = env.client.get_workflow_handle(run_id)
                     if scenario.act is not None:
-                        await scenario.act(handle)
+                        await scenario.act(latest)
                     try:
                         await handle.result()
                     except WorkflowFailureError:
                         pass
-                    history = await handle.fetch_history()
+                    first = env.client.get_workflow_handle(run_id, run_id=handle.first_execution_run_id)
+                    history = await (latest if scenario.last_execution else first).fetch_history()
                     (HERE / "histories" / f"{name}.json").write_text(without_stack_traces(history.to_json()))
                     print(f"recorded {name}")
         await redis_client.aclose()
