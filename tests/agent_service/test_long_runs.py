@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
 
+from agent_service.server import AgentService
 from agentrun.v1 import agent_service_pb2 as pb
+from shared.agents import load_agents
 from shared.contract import ErrorType
 from shared.transcripts import transcript_key
 from tests.agent_service.test_agent_loop import approve, calls, tool_messages, until
@@ -184,6 +187,7 @@ async def test_approvals_are_asked_and_decided_across_continues_as_new(stack: St
     run = await stack.client.get_run(run_id)
     assert run.state == pb.RUN_STATE_COMPLETED and len(run.decided_approvals) == 2
     assert len(await executions(stack, run_id)) == 4  # one per round
+    assert [r.run_id for r in await ended_runs(stack)] == [run_id]
 
 
 async def test_a_continued_run_is_cancelled_like_any_other(stack: Stack) -> None:
@@ -251,3 +255,35 @@ async def test_a_transcript_lost_after_a_continue_as_new_too_large_to_carry_it_f
         "Temporal histories of the run's earlier executions"
     )
     assert len(stack.model.server.requests_for(key)) == 3  # the model was not asked with a broken transcript
+
+
+async def test_the_relay_does_not_count_a_continued_execution_as_the_runs_end(stack: Stack) -> None:
+    # The relay asks Temporal which quiet runs have ended with this query; a run waiting for approval is quiet.
+    service = AgentService(stack.settings, stack.temporal, stack.redis, load_agents(stack.settings.agents_file))
+    steps = [calls(("calculator", {"expression": "1+1"})), calls(("echo", {"text": "x"})), {"text": "ok"}]
+    key = stack.model.script(*steps)
+    run_id = await stack.client.start_run("stepwise", key)
+    _, requested = await until(stack, run_id, "approval_requested")  # in the second execution
+    continued = f"WorkflowId = '{run_id}' AND ExecutionStatus = 'ContinuedAsNew'"
+
+    async def first_execution_visible() -> bool:
+        return bool([e async for e in stack.temporal.list_workflows(continued)])
+
+    await eventually(first_execution_visible)
+    assert await service._ended_runs([run_id]) == set()
+    await approve(stack, run_id, requested.approval_requested.approval_id, pb.APPROVAL_DECISION_APPROVE)
+    await collect(stack, run_id)
+
+    async def ended() -> bool:
+        return await service._ended_runs([run_id]) == {run_id}
+
+    await eventually(ended)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Waits for Temporal's visibility store, which is eventually consistent, to answer as ``check`` wants."""
+    for _ in range(200):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{check.__name__} stayed false")
