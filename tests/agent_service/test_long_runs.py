@@ -117,7 +117,8 @@ async def test_a_run_of_300_rounds_of_20_kb_results_continues_as_new_and_streams
     assert len(runs) > 1
     total_events = sum(len(r.history.events) for r in runs)
     total_bytes = sum(r.size for r in runs)
-    print(f"{ROUNDS} rounds: {len(runs)} executions, {total_events} events, {total_bytes} bytes of history")
+    each = ", ".join(f"{len(r.history.events)} events/{r.size} bytes" for r in runs)
+    print(f"{ROUNDS} rounds: {len(runs)} executions ({each}), {total_events} events, {total_bytes} bytes in all")
     for execution in runs:
         assert len(execution.history.events) < TEMPORAL_MAX_EVENTS / 20
         assert execution.size < TEMPORAL_MAX_BYTES / 10
