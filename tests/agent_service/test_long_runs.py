@@ -31,7 +31,6 @@ TEMPORAL_MAX_BYTES = 50 << 20
 
 @dataclass
 class Execution:
-    run_id: str
     history: WorkflowHistory
 
     @property
@@ -60,7 +59,7 @@ async def executions(stack: Stack, run_id: str) -> list[Execution]:
     while True:
         history = await stack.temporal.get_workflow_handle(run_id, run_id=execution_id or None).fetch_history()
         started = history.events[0].workflow_execution_started_event_attributes
-        found.insert(0, Execution(execution_id or started.original_execution_run_id, history))
+        found.insert(0, Execution(history))
         execution_id = started.continued_execution_run_id
         if not execution_id:
             return found
