@@ -17,6 +17,7 @@ from shared.contract import (
     MEMO_APPROVALS,
     MEMO_CONVERSATION,
     MEMO_LAST_SEQUENCE,
+    MEMO_STARTED,
     MEMO_SUB_AGENT_USAGE,
     MEMO_SUB_RUNS,
     MEMO_USAGE,
@@ -104,6 +105,13 @@ async def ended(client: Client, execution: WorkflowExecution) -> Ended:
     )
 
 
+async def created(execution: WorkflowExecution) -> datetime:
+    """When the run started: its first execution's start, also after it continued as new."""
+    if MEMO_STARTED not in await execution.memo():
+        return execution.start_time
+    return await execution.memo_value(MEMO_STARTED, type_hint=datetime)
+
+
 async def approvals(execution: WorkflowExecution) -> list[Approval]:
     """The run's approval requests, answered or not, as its memo records them."""
     recorded: list[Approval] = await execution.memo_value(MEMO_APPROVALS, [], type_hint=list[Approval])
@@ -150,7 +158,7 @@ async def to_run(
         agent=str(await execution.memo_value(MEMO_AGENT, "")),
         conversation_id=str(await execution.memo_value(MEMO_CONVERSATION, "")),
         state=state(execution),
-        create_time=events.timestamp(execution.start_time),
+        create_time=events.timestamp(await created(execution)),
     )
     recorded = await approvals(execution)
     for sub in sub_runs:

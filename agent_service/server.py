@@ -105,6 +105,7 @@ RUN_TIMEOUT_GRACE_SECONDS = 60
 MAX_REASON_LENGTH = 2000
 APPROVER_METADATA = "x-agentrun-approver"
 _APPROVAL_ERRORS = {ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION}
+# Not 'ContinuedAsNew': that execution's run goes on in the next one, under the same workflow id.
 _ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")  # matched whole (fullmatch): "$" would let a final newline in
@@ -397,9 +398,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
         token = _temporal_page_token(request.page_token)
         page = self._temporal.list_workflows(
-            # Sub-agents' runs are part of their roots'.
+            # Sub-agents' runs are part of their roots'; a run that continued as new is listed once, by its latest
+            # execution.
             f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}' "
-            "AND ParentWorkflowId IS NULL",
+            "AND ParentWorkflowId IS NULL AND ExecutionStatus != 'ContinuedAsNew'",
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
             next_page_token=token,
         )

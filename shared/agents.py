@@ -117,6 +117,11 @@ class AgentConfig:
     # How many levels of sub-agents a run of this agent may go down (its children are level 1). The limit of the
     # run's root agent holds at every level: an agent at the limit is offered no delegation tools.
     max_delegation_depth: int = DEFAULT_MAX_DELEGATION_DEPTH
+    # A run continues as new (same run, a fresh Temporal history) between two rounds once its history has this many
+    # events or bytes, or when Temporal suggests it. Temporal fails a run at 51,200 events or 50 MB and warns from
+    # 10,240 events or 10 MB: these stay below the warnings, with room for any one round to finish.
+    continue_as_new_after_events: int = 8000
+    continue_as_new_after_bytes: int = 8 << 20
 
     def run_timeout_seconds(self) -> float:
         return self.timeout_seconds if self.timeout_seconds is not None else MODE_TIMEOUTS[self.mode]
@@ -283,6 +288,9 @@ def _check(agent: AgentConfig) -> None:
     depth = agent.max_delegation_depth
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise ValueError("max_delegation_depth must be a non-negative integer")
+    for key in ("continue_as_new_after_events", "continue_as_new_after_bytes"):
+        if not isinstance(getattr(agent, key), int) or getattr(agent, key) < 1:
+            raise ValueError(f"{key} must be a positive integer")
     if agent.history_max_messages < 1 or agent.history_ttl_seconds < 1:
         raise ValueError("history_max_messages and history_ttl_seconds must be positive")
     if agent.output_schema is not None:

@@ -8,6 +8,7 @@ histories hold. Nothing here imports ``openai``, ``redis`` or the tools.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -29,6 +30,9 @@ MEMO_SUB_AGENT_USAGE = "sub_agent_usage"
 # The workflow ids of the sub-agents' runs that the run started, recorded as each starts: with theirs, where to
 # look for their approvals when Redis no longer knows which run asked.
 MEMO_SUB_RUNS = "sub_runs"
+# When the run's first execution started; only runs that continued as new have it (Temporal's start time is then
+# the latest execution's).
+MEMO_STARTED = "started"
 
 # The approver recorded when an approval's deadline decides it.
 TIMEOUT_APPROVER = "agentrun:timeout"
@@ -74,6 +78,9 @@ class ErrorType(StrEnum):
     SNAPSHOT_UNSUPPORTED = "SnapshotUnsupported"
     # The service behind a tool (an MCP server) could not be reached: retried, and the last attempt tells the model.
     TOOL_UNAVAILABLE = "ToolUnavailable"
+    # Redis lost the run's transcript (shared/transcripts.py): the workflow sends it whole again, or fails the run
+    # when it no longer has all of it.
+    TRANSCRIPT_LOST = "TranscriptLost"
 
 
 @dataclass
@@ -145,6 +152,33 @@ class RunInput:
     sub_agents: dict[str, AgentConfig] = field(default_factory=dict)
     # Set for a sub-agent's run, started by a delegation of another run.
     delegation: Delegation | None = None
+    # Set when the run continued as new: where the earlier executions left it.
+    progress: RunProgress | None = None
+
+
+@dataclass
+class RunProgress:
+    """What a run's earlier executions did, carried into the execution that continues it as new."""
+
+    # When the first execution started: the run's timeout counts from there.
+    started_at: datetime
+    # The next model round.
+    round: int
+    last_sequence: int
+    # How many batches of events the workflow has published (each is named by its number).
+    batches: int
+    usage: Usage
+    approvals: list[Approval]
+    tool_digests: dict[str, str]
+    # The run's messages from index ``first_message`` on: all of them (0) when they are small, else those that
+    # its transcript in Redis does not hold yet.
+    messages: list[dict[str, Any]]
+    first_message: int
+    # How many messages the transcript in Redis holds.
+    stored_messages: int
+    # The sub-agents' runs that the earlier executions started, and what each agent path below the run used.
+    sub_runs: list[str] = field(default_factory=list)
+    sub_agent_usage: list[AgentUsage] = field(default_factory=list)
 
 
 @dataclass
@@ -208,8 +242,9 @@ class ToolCallRequest:
 class CallModelInput:
     """One model round of a run.
 
-    ``messages`` are the run's own messages so far (its user message first); ``after_sequence`` is the last
-    event the workflow knows was published.
+    ``messages`` are the run's own messages (its user message first) from index ``first_message`` on: those that
+    the run's transcript in Redis does not hold yet (all of them when ``first_message`` is 0, as in runs that
+    predate transcripts). ``after_sequence`` is the last event the workflow knows was published.
     """
 
     run_id: str
@@ -231,6 +266,7 @@ class CallModelInput:
     # For a sub-agent's run, its workflow id: its writes to the root's stream are named after it, and its answer
     # goes back to its parent instead of ending the stream. Empty for a root run.
     sub_run: str = ""
+    first_message: int = 0
 
 
 @dataclass

@@ -59,10 +59,11 @@ class Model:
     base_url: str
     server: offline_model.OfflineModel
 
-    def script(self, *steps: dict[str, Any]) -> str:
-        """Registers a script and returns its key; put the key in a run's input to use it."""
+    def script(self, *steps: dict[str, Any], keep_requests: int | None = None) -> str:
+        """Registers a script and returns its key; put the key in a run's input to use it. ``keep_requests`` keeps
+        only that many of the latest requests."""
         key = f"script-{uuid.uuid4().hex[:12]}"
-        self.server.add_script(key, list(steps))
+        self.server.add_script(key, list(steps), keep_requests=keep_requests)
         return key
 
 

@@ -40,6 +40,7 @@ from shared.contract import (
 )
 from shared.conversations import ConversationStore
 from shared.run_stream import AppendResult, RunStreamWriter, writer_name
+from shared.transcripts import Message, TranscriptLostError, TranscriptStore
 from worker import _telemetry
 from worker.tools import ToolContext, ToolError, ToolRegistry, ToolUnavailableError
 
@@ -61,6 +62,8 @@ MISSING_RESULT = "No result: the run ended before this tool call finished."
 # it knows of; more events than this cannot have been published between two heartbeats: a model call has one append
 # in flight at a time (about 1 ms each), so at most a few thousand in the HEARTBEAT_INTERVAL_SECONDS between them.
 LOST_SEQUENCE_MARGIN = 10_000
+# A run's transcript outlives the run by this much: every round renews it, and no run lives longer than its timeout.
+TRANSCRIPT_TTL_MARGIN_SECONDS = 60
 # Statuses with which a model endpoint says "not now" rather than "never": retried, after Retry-After if given.
 _RETRYABLE_MODEL_STATUSES = frozenset({408, 409, 429})
 # The arguments of a delegation tool: the sub-agent sees only its task, not the conversation that led to it.
@@ -245,11 +248,13 @@ class RunActivities:
         stream: RunStreamWriter,
         tools: ToolRegistry,
         conversations: ConversationStore,
+        transcripts: TranscriptStore,
     ) -> None:
         self._model = model
         self._stream = stream
         self._tools = tools
         self._conversations = conversations
+        self._transcripts = transcripts
         self._base_url = str(model.base_url)
 
     @activity.defn
@@ -272,7 +277,8 @@ class RunActivities:
         publisher = _TextPublisher(self._stream, input, resumed)
         streamed = _StreamedReply()
         try:
-            messages = await self._model_messages(input)
+            transcript = await self._transcript(input)
+            messages = await self._model_messages(input, transcript)
             async with _heartbeating(lambda: publisher.last_sequence):
                 # The raw stream: the client's typed chunks cost about 100 us of CPU each, five times the rest of
                 # a token's way to the client (see bench/); the JSON is read here instead.
@@ -305,7 +311,7 @@ class RunActivities:
             last_sequence=publisher.last_sequence,
             tool_digests=tool_digests,
         )
-        await self._complete_reply(input, reply, streamed.calls(), tool_names)
+        await self._complete_reply(input, reply, streamed.calls(), tool_names, transcript)
         call.finish(
             span,
             reply.usage,
@@ -357,6 +363,7 @@ class RunActivities:
         )
         if end.conversation_id:
             await self._conversations.release_active_run(end.conversation_id, end.run_id)
+        await self._transcripts.delete(end.run_id)
         if not result.closed:  # this append ended the run (a retry, or a run ended otherwise, adds nothing)
             telemetry.instruments().runs_ended.add(1, {"agentrun.run.outcome": end.outcome.end.removeprefix("run_")})
         return result
@@ -401,17 +408,30 @@ class RunActivities:
         answer = earlier[-1] if ended else None
         return _Resumed(floor=max(floor, stored), already_sent=text, answer=answer)
 
-    async def _model_messages(self, input: CallModelInput) -> list[dict[str, Any]]:
+    async def _transcript(self, input: CallModelInput) -> list[Message]:
+        """The run's messages so far: the round's new ones written to the run's transcript, and the whole read back.
+
+        A transcript that Redis lost is the workflow's to send again (it has every message): not retried here.
+        """
+        ttl = int(input.agent.run_timeout_seconds()) + TRANSCRIPT_TTL_MARGIN_SECONDS
+        # A sub-agent's run shares its root's run id (and stream), not its transcript.
+        owner = input.sub_run or input.run_id
+        try:
+            return await self._transcripts.write(owner, input.first_message, input.messages, ttl_seconds=ttl)
+        except TranscriptLostError as err:
+            raise ApplicationError(str(err), type=ErrorType.TRANSCRIPT_LOST, non_retryable=True) from None
+
+    async def _model_messages(self, input: CallModelInput, transcript: list[Message]) -> list[Message]:
         agent = input.agent
         if input.conversation_id:
             # Saving first means the history the model sees is exactly what the
             # conversation keeps, and a run that fails later has still saved its turn.
             await self._conversations.append(
-                input.conversation_id, input.run_id, input.messages, ttl_seconds=agent.history_ttl_seconds
+                input.conversation_id, input.run_id, transcript, ttl_seconds=agent.history_ttl_seconds
             )
             history = await self._conversations.window(input.conversation_id, max_messages=agent.history_max_messages)
         else:
-            history = input.messages
+            history = transcript
         messages = [{"role": "system", "content": agent.system_prompt}] if agent.system_prompt else []
         messages += _with_all_tool_results(history)
         if input.final_round:
@@ -419,7 +439,12 @@ class RunActivities:
         return messages
 
     async def _complete_reply(
-        self, input: CallModelInput, reply: ModelReply, calls: list[ToolCallRequest], tool_names: list[str]
+        self,
+        input: CallModelInput,
+        reply: ModelReply,
+        calls: list[ToolCallRequest],
+        tool_names: list[str],
+        transcript: list[Message],
     ) -> None:
         """Checks the reply's tool calls or its structured answer, announces the calls, and saves the turn."""
         agent = input.agent
@@ -440,7 +465,7 @@ class RunActivities:
             await self._conversations.append(
                 input.conversation_id,
                 input.run_id,
-                [*input.messages, reply.message],
+                [*transcript, reply.message],
                 ttl_seconds=agent.history_ttl_seconds,
             )
 

@@ -31,6 +31,7 @@ FINGERPRINT = "agentrun-offline"
 # Tool-call arguments are streamed in slices of this many characters; JSON
 # often has no whitespace, so word tokenization would yield a single piece.
 ARGUMENT_PIECE_CHARS = 8
+REQUEST_MAX_BYTES = 64 << 20
 
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
 # Arithmetic in a prompt, such as "what is 12 * (3 + 4)?".
@@ -169,6 +170,14 @@ class _Script:
     used: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_times: list[float] = field(default_factory=list)
+    # Keep only this many of the latest request bodies: a long run's requests hold its whole transcript each.
+    keep: int | None = None
+
+    def record(self, body: dict[str, Any]) -> None:
+        self.requests.append(body)
+        self.request_times.append(time.monotonic())
+        if self.keep is not None:
+            del self.requests[: -self.keep]
 
     def next_step(self) -> Step:
         # Past the end the last step repeats, so retries and extra turns stay
@@ -235,7 +244,8 @@ class OfflineModel:
         self.token_delay = token_delay
         self._scripts: dict[str, _Script] = {}
         self._call_ids = itertools.count(1)
-        self.app = web.Application()
+        # aiohttp refuses bodies past 1 MiB by default; a long run's transcript is larger, as real endpoints allow.
+        self.app = web.Application(client_max_size=REQUEST_MAX_BYTES)
         # Lets in-process callers of serve() reach the state via runner.app.
         self.app[MODEL_KEY] = self
         self.app.add_routes(
@@ -250,14 +260,15 @@ class OfflineModel:
 
     # --- in-process scripting API -------------------------------------------
 
-    def add_script(self, key: str, steps: list[Any]) -> None:
-        """Register (or replace) a script; steps are JSON-shaped dicts."""
+    def add_script(self, key: str, steps: list[Any], *, keep_requests: int | None = None) -> None:
+        """Register (or replace) a script; steps are JSON-shaped dicts. ``keep_requests`` keeps only the latest
+        request bodies."""
         if not isinstance(key, str) or not key:
             raise ScriptError("key must be a non-empty string")
         if not isinstance(steps, list) or not steps:
             raise ScriptError("steps must be a non-empty list")
         parsed = [parse_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
-        self._scripts[key] = _Script(parsed)
+        self._scripts[key] = _Script(parsed, keep=keep_requests)
 
     def requests_for(self, key: str) -> list[dict[str, Any]]:
         """Chat request bodies that matched ``key``, oldest first."""
@@ -273,7 +284,9 @@ class OfflineModel:
     # --- reply selection ------------------------------------------------------
 
     def _match(self, messages: list[Any]) -> _Script | None:
-        texts = [t for m in messages for t in _message_texts(m)]
+        # Keys are in what the caller wrote; tool results, the bulk of a long run's messages, are not searched.
+        said = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "tool")]
+        texts = [t for m in said for t in _message_texts(m)]
         # First registered key wins, so overlapping keys behave predictably.
         for key, script in self._scripts.items():
             if any(key in t for t in texts):
@@ -347,8 +360,7 @@ class OfflineModel:
 
         script = self._match(messages)
         if script is not None:
-            script.requests.append(body)
-            script.request_times.append(time.monotonic())
+            script.record(body)
             step = script.next_step()
         else:
             tools = body.get("tools")

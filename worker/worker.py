@@ -20,6 +20,7 @@ from shared.agents import AgentConfig, AgentConfigError, load_agents, load_mcp_s
 from shared.conversations import ConversationStore
 from shared.run_stream import RunStreamWriter
 from shared.settings import OFFLINE_API_KEY, Settings, connect_redis, connect_temporal, stop_on_signals
+from shared.transcripts import TranscriptStore
 from worker._mcp import McpServers
 from worker.activities import HEARTBEAT_INTERVAL_SECONDS, RunActivities
 from worker.tools import ToolRegistry, default_registry
@@ -75,6 +76,7 @@ def build_worker(
         RunStreamWriter(redis_client, settings.redis_prefix, settings.stream_ttl_seconds),
         tools,
         ConversationStore(redis_client, settings.redis_prefix),
+        TranscriptStore(redis_client, settings.redis_prefix),
     )
     return Worker(
         client,

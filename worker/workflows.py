@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         MEMO_AGENT,
         MEMO_APPROVALS,
         MEMO_LAST_SEQUENCE,
+        MEMO_STARTED,
         MEMO_SUB_AGENT_USAGE,
         MEMO_SUB_RUNS,
         MEMO_USAGE,
@@ -47,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         RunEnd,
         RunInput,
         RunOutcome,
+        RunProgress,
         RunResult,
         RunToolInput,
         ToolCallEnd,
@@ -78,6 +81,58 @@ TOOL_RETRY = RetryPolicy(
 PUBLISH_TIMEOUT = timedelta(minutes=2)
 # Runs started before the run timeout existed replay without its timer.
 RUN_TIMEOUT_PATCH = "run-timeout"
+# Runs started before transcripts were kept in Redis send their whole message list in every model round.
+TRANSCRIPT_PATCH = "transcript-in-redis"
+# Runs started before continue-as-new never continue as new.
+CONTINUE_AS_NEW_PATCH = "continue-as-new"
+# A run that continues as new carries its messages into the next execution when they are at most this large (as
+# JSON); larger ones are only in Redis then (and in the histories of the earlier executions). Temporal warns about
+# payloads past 512 KB, and the input holds the agent's snapshot and the approvals beside them.
+CARRIED_MESSAGES_MAX_BYTES = 256 << 10
+
+
+class _Transcript:
+    """The run's messages, and how many of them the run's transcript in Redis holds (shared/transcripts.py).
+
+    A model round sends only the messages added since the round before, so that each message enters the history
+    about twice (in the result that brought it and in the next round's input) instead of once in every round.
+    """
+
+    def __init__(self, messages: list[dict[str, Any]], incremental: bool, *, first: int = 0, stored: int = 0) -> None:
+        # The run's messages from index ``first`` on: after a continue-as-new that could not carry them all, the
+        # earlier ones are only in Redis.
+        self.messages = messages
+        self.first = first
+        # False in runs that predate transcripts in Redis: every round sends every message, as it did then.
+        self.incremental = incremental
+        self.stored = stored
+
+    def add(self, *messages: dict[str, Any]) -> None:
+        self.messages += messages
+
+    def unsent(self) -> tuple[int, list[dict[str, Any]]]:
+        """Where the messages that Redis lacks start in the transcript, and those messages."""
+        start = self.stored if self.incremental else 0
+        return start, self.messages[start - self.first :]
+
+    def sent(self) -> None:
+        self.stored = self.first + len(self.messages)
+
+    def resend_all(self) -> bool:
+        """Sends every message again in the next round; False when this execution no longer has them all."""
+        if self.first:
+            return False
+        self.stored = 0
+        return True
+
+    def carried(self) -> tuple[int, list[dict[str, Any]]] | None:
+        """What a continue-as-new takes along: where its messages start, and the messages: all of them when they
+        are small, else those Redis lacks; None when even those are too large to carry now."""
+        for start in (self.first, self.stored):
+            messages = self.messages[start - self.first :]
+            if len(json.dumps(messages)) <= CARRIED_MESSAGES_MAX_BYTES:
+                return start, messages
+        return None
 
 
 class _RunFailure(Exception):
@@ -113,7 +168,7 @@ class AgentRunWorkflow:
             return await self._run(input)
         timeout = input.agent.run_timeout_seconds()
         try:
-            return await asyncio.wait_for(self._run(input), timeout)
+            return await asyncio.wait_for(self._run(input), _time_left(input, timeout))
         except TimeoutError:
             message = f"the run exceeded its timeout of {timeout:g} s ({input.agent.mode} mode)"
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
@@ -124,22 +179,25 @@ class AgentRunWorkflow:
     async def _run(self, input: RunInput) -> RunResult:
         agent = input.agent
         self._identify(input)
-        messages: list[dict[str, Any]] = [{"role": "user", "content": input.input}]
-        usage = Usage()
+        transcript, usage, first_round = self._start_or_resume(input)
+        continues = workflow.patched(CONTINUE_AS_NEW_PATCH)
         try:
-            for round in range(agent.max_iterations):
+            for round in range(first_round, agent.max_iterations):
                 final = round == agent.max_iterations - 1
                 offers_tools = bool(agent.tools or agent.sub_agents)
-                reply = await self._call_model(input, messages, round, usage, final_round=final and offers_tools)
+                reply = await self._call_model(input, transcript, round, usage, final_round=final and offers_tools)
                 usage += reply.usage
-                messages.append(reply.message)
+                transcript.add(reply.message)
                 if not reply.tool_calls:
                     break
                 # The calls of one round run concurrently; their results go back in call order.
-                messages += await asyncio.gather(*(self._tool_call(input, call, final) for call in reply.tool_calls))
+                results = await asyncio.gather(*(self._tool_call(input, call, final) for call in reply.tool_calls))
+                transcript.add(*results)
                 usage += self._take_delegated_usage()
                 if final:
                     break
+                if continues:
+                    await self._continue_as_new_if_due(input, transcript, round + 1, usage)
             if reply.output_error:
                 raise _RunFailure(reply.output_error, ErrorType.INVALID_OUTPUT)
         except (ActivityError, asyncio.CancelledError) as err:
@@ -175,9 +233,85 @@ class AgentRunWorkflow:
             last = await self._finish(input, outcome)
         return RunResult(reply.text, usage, last, reply.structured_output, self._sub_agent_usage_list())
 
+    def _start_or_resume(self, input: RunInput) -> tuple[_Transcript, Usage, int]:
+        """The run's messages, usage and next round: from its input, or where the earlier executions left it when
+        it continued as new."""
+        incremental = workflow.patched(TRANSCRIPT_PATCH)
+        progress = input.progress
+        if progress is None:
+            return _Transcript([{"role": "user", "content": input.input}], incremental), Usage(), 0
+        self._last_sequence, self._batches = progress.last_sequence, progress.batches
+        self._approvals = {approval.approval_id: approval for approval in progress.approvals}
+        self._tool_digests = progress.tool_digests
+        self._sub_runs = progress.sub_runs
+        self._sub_agent_usage = {tuple(entry.agent_path): entry.usage for entry in progress.sub_agent_usage}
+        transcript = _Transcript(
+            progress.messages, incremental, first=progress.first_message, stored=progress.stored_messages
+        )
+        return transcript, progress.usage, progress.round
+
+    async def _continue_as_new_if_due(self, input: RunInput, transcript: _Transcript, round: int, usage: Usage) -> None:
+        """Goes on in a new execution of the run before its history nears Temporal's limits.
+
+        Called between rounds, when no tool call or approval is in flight; an Approve still being handled finishes
+        first. The run id (the workflow id), its stream's numbering, its approvals and its memo go on unchanged.
+        """
+        info = workflow.info()
+        agent = input.agent
+        due = (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= agent.continue_as_new_after_events
+            or info.get_current_history_size() >= agent.continue_as_new_after_bytes
+        )
+        carried = transcript.carried() if due and transcript.incremental else None
+        if carried is None:
+            return  # not yet; or this round's messages are too large to carry: the next round's may not be
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        started_at = input.progress.started_at if input.progress else info.workflow_start_time
+        first_message, messages = carried
+        progress = RunProgress(
+            started_at=started_at,
+            round=round,
+            last_sequence=self._last_sequence,
+            batches=self._batches,
+            usage=usage,
+            approvals=list(self._approvals.values()),
+            tool_digests=self._tool_digests,
+            messages=messages,
+            first_message=first_message,
+            stored_messages=transcript.stored,
+            sub_runs=self._sub_runs,
+            sub_agent_usage=self._sub_agent_usage_list(),
+        )
+        workflow.continue_as_new(
+            dataclasses.replace(input, progress=progress), memo={**workflow.memo(), MEMO_STARTED: started_at}
+        )
+
     async def _call_model(
-        self, input: RunInput, messages: list[dict[str, Any]], round: int, usage_before: Usage, *, final_round: bool
+        self, input: RunInput, transcript: _Transcript, round: int, usage_before: Usage, *, final_round: bool
     ) -> ModelReply:
+        try:
+            reply = await self._model_round(input, transcript, round, usage_before, final_round=final_round)
+        except ActivityError as err:
+            if not _transcript_lost(err):
+                raise
+            # Redis lost the messages that earlier rounds sent; the workflow has them all: it sends them again.
+            if not transcript.resend_all():
+                raise _RunFailure(
+                    f"Redis lost the run's transcript, and the first {transcript.first} of its "
+                    f"{transcript.first + len(transcript.messages)} messages (the user's input and the earliest "
+                    "rounds' calls and results) were too large to carry through a continue-as-new: they are only in "
+                    "the Temporal histories of the run's earlier executions",
+                    ErrorType.TRANSCRIPT_LOST,
+                ) from err
+            reply = await self._model_round(input, transcript, round, usage_before, final_round=final_round)
+        transcript.sent()
+        return reply
+
+    async def _model_round(
+        self, input: RunInput, transcript: _Transcript, round: int, usage_before: Usage, *, final_round: bool
+    ) -> ModelReply:
+        first_message, messages = transcript.unsent()
         reply = await workflow.execute_activity_method(
             RunActivities.call_model,
             CallModelInput(
@@ -193,6 +327,7 @@ class AgentRunWorkflow:
                 usage_before=usage_before,
                 sub_agents=self._delegation_offers(input),
                 sub_run=self._sub_run,
+                first_message=first_message,
             ),
             start_to_close_timeout=MODEL_CALL_TIMEOUT,
             heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
@@ -461,6 +596,17 @@ def _published_floor(err: FailureError) -> int:
     else:
         details = ()
     return max((d for d in details if isinstance(d, int)), default=0)
+
+
+def _time_left(input: RunInput, timeout: float) -> float:
+    """The run's timeout counts from its first execution's start, not from the latest continue-as-new."""
+    if input.progress is None:
+        return timeout
+    return timeout - (workflow.now() - input.progress.started_at).total_seconds()
+
+
+def _transcript_lost(err: ActivityError) -> bool:
+    return isinstance(err.cause, ApplicationError) and err.cause.type == ErrorType.TRANSCRIPT_LOST
 
 
 def _failure_message(err: FailureError) -> str:

@@ -26,6 +26,8 @@ def test_the_shipped_file_defines_the_assistant() -> None:
         ("agents:\n  a: {model: m, colour: red}", "unknown keys ['colour']"),
         ("agents:\n  a: [1]", "must be a mapping"),
         ("agents: [", "not valid YAML"),
+        ("agents:\n  a: {model: m, continue_as_new_after_events: 0}", "continue_as_new_after_events must be"),
+        ("agents:\n  a: {model: m, continue_as_new_after_bytes: 1.5}", "continue_as_new_after_bytes must be"),
     ],
 )
 def test_malformed_files_are_reported(tmp_path: Path, text: str, problem: str) -> None:

@@ -22,3 +22,9 @@ async def nap(seconds: float) -> str:
 def idempotency_key(context: ToolContext) -> str:
     """Returns the idempotency key the tool was given."""
     return context.idempotency_key
+
+
+@tool
+def pad(text: str, size: int) -> str:
+    """Returns the text followed by filler up to ``size`` characters, to stand for a tool with a large result."""
+    return text + "x" * max(0, size - len(text))

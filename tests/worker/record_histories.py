@@ -61,11 +61,16 @@ class Scenario:
     agent: str
     steps: list[dict[str, Any]]
     conversation_id: str = ""
+    # Given a handle to the run's latest execution.
     act: Callable[[WorkflowHandle[Any, Any]], Awaitable[None]] | None = None
     # The scripts of sub-agents' runs, by key: a delegation's task names its sub-agent's script. Each child run's
     # history is recorded too, as "<scenario>.child<n>.json".
     sub_scripts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Record the run's last execution rather than its first (they differ when it continued as new).
+    last_execution: bool = False
 
+
+CONTINUED_STEPS = [call("calculator", expression="6*7"), call("echo", text="hi"), {"text": "done"}]
 
 SCENARIOS = {
     # Recorded before tools existed: they keep the single-round path replayable.
@@ -112,6 +117,10 @@ SCENARIOS = {
         [call("delegate_to_researcher", task="errored-research: try"), {"text": "It did not work."}],
         sub_scripts={"errored-research": [{"error": {"status": 400, "message": "rejected"}}]},
     ),
+    # Continue-as-new after every round: the first execution ends by continuing; the last one starts from the
+    # progress the others carried (an approval decided in the second among it) and completes.
+    "continued_first_execution": Scenario("stepwise", CONTINUED_STEPS, act=approve_first),
+    "continued_last_execution": Scenario("stepwise", CONTINUED_STEPS, act=approve_first, last_execution=True),
 }
 
 
@@ -179,13 +188,15 @@ async def main() -> None:
                         id=run_id,
                         task_queue=settings.task_queue,
                     )
+                    latest = env.client.get_workflow_handle(run_id)
                     if scenario.act is not None:
-                        await scenario.act(handle)
+                        await scenario.act(latest)
                     try:
                         await handle.result()
                     except WorkflowFailureError:
                         pass
-                    history = await handle.fetch_history()
+                    first = env.client.get_workflow_handle(run_id, run_id=handle.first_execution_run_id)
+                    history = await (latest if scenario.last_execution else first).fetch_history()
                     (HERE / "histories" / f"{name}.json").write_text(without_stack_traces(history.to_json()))
                     for number, child in enumerate(await children(env.client, handle.id), 1):
                         child_history = await env.client.get_workflow_handle(child).fetch_history()

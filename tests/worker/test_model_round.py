@@ -12,6 +12,7 @@ from shared.agents import load_agents
 from shared.contract import CallModelInput, RunEnd, RunOutcome, Usage
 from shared.conversations import ConversationStore
 from shared.run_stream import RunStreamWriter
+from shared.transcripts import TranscriptStore
 from tests.agent_service.test_runs import collect
 from tests.conftest import AGENTS_FILE, Stack
 from worker.activities import RunActivities
@@ -63,6 +64,7 @@ async def test_a_retried_round_that_had_ended_the_run_does_not_ask_the_model_aga
         writer,
         default_registry(stack.settings.tool_modules),
         ConversationStore(stack.redis, stack.settings.redis_prefix),
+        TranscriptStore(stack.redis, stack.settings.redis_prefix),
     )
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[3])
@@ -103,6 +105,7 @@ async def test_a_retried_sub_agent_round_skips_only_its_own_text_and_leaves_the_
         writer,
         default_registry(stack.settings.tool_modules),
         ConversationStore(stack.redis, stack.settings.redis_prefix),
+        TranscriptStore(stack.redis, stack.settings.redis_prefix),
     )
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[6])
