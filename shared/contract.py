@@ -24,6 +24,12 @@ MEMO_LAST_SEQUENCE = "last_sequence"
 MEMO_APPROVALS = "approvals"
 # The tokens the run used, recorded when it ends (a cancelled run has no result to carry them).
 MEMO_USAGE = "usage"
+# Set by the server when it starts the run: the tenant it belongs to ("" before tenants, or without
+# authentication), and who may decide its approvals (the agent's approval.approvers; empty: anyone with the right).
+MEMO_TENANT = "tenant"
+MEMO_APPROVERS = "approvers"
+# The Keyword search attribute that ListRuns filters a tenant's runs by; the Temporal namespace must have it.
+TENANT_SEARCH_ATTRIBUTE = "AgentrunTenant"
 
 # The approver recorded when an approval's deadline decides it.
 TIMEOUT_APPROVER = "agentrun:timeout"
