@@ -46,6 +46,7 @@ from agent_service._auth import (
     principal,
 )
 from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal, invalid, temporal_timeout
+from agent_service._limits import Limits
 from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
@@ -136,6 +137,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self._redis = redis_client
         self._agents = agents
         self._conversations = ConversationStore(redis_client, settings.redis_prefix)
+        self._limits = Limits(
+            max_streams=settings.limit_streams,
+            starts_per_second=settings.limit_starts_per_second,
+            start_burst=settings.limit_start_burst,
+        )
         self.relay = StreamRelay(
             settings.redis_url, redis_client, settings.redis_prefix, self._ended_runs, name=f"{REDIS_CLIENT_NAME}-relay"
         )
@@ -155,6 +161,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 f"agent {request.agent!r} is not configured; the agents are: {', '.join(sorted(self._agents))}",
             )
         caller = principal()
+        self._limits.take_start(caller)
         tenant = caller.tenant
         # A request_id maps to one workflow id, and Temporal admits one workflow per
         # id: duplicates, concurrent or late, all land on the first run.
@@ -252,12 +259,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
         metrics.open_streams.add(1)
         relayed = 0
         try:
-            async for response in self._stream(run_id, after):
-                if relayed == EVENTS_METRIC_BATCH:
-                    metrics.stream_events.add(relayed)
-                    relayed = 0
-                relayed += 1
-                yield response
+            with self._limits.stream(caller):
+                async for response in self._stream(run_id, after):
+                    if relayed == EVENTS_METRIC_BATCH:
+                        metrics.stream_events.add(relayed)
+                        relayed = 0
+                    relayed += 1
+                    yield response
         except Exception as err:
             if span is not None:
                 span.record_exception(err)

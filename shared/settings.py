@@ -59,6 +59,10 @@ class Settings:
     # Run ids made from a request_id are an HMAC of the tenant and the request_id under this secret, so nobody can
     # work out another tenant's run ids. Every replica needs the same one; required with authentication.
     run_id_secret: str | None = field(default=None, repr=False)
+    # Per principal, on each server process: open StreamRun calls, and StartRun calls per second with a burst.
+    limit_streams: int = 1000
+    limit_starts_per_second: float = 10.0
+    limit_start_burst: int = 50
     # Temporal Cloud or a cluster with TLS: an API key, and TLS (on with any of these; TEMPORAL_TLS=true alone
     # uses the system's CAs). The names are Temporal's own environment configuration's.
     temporal_api_key: str | None = field(default=None, repr=False)
@@ -94,6 +98,9 @@ class Settings:
             "tls_key": env.get("AGENTRUN_TLS_KEY") or None,
             "tls_client_ca": env.get("AGENTRUN_TLS_CLIENT_CA") or None,
             "run_id_secret": env.get("AGENTRUN_RUN_ID_SECRET") or None,
+            "limit_streams": int(env.get("AGENTRUN_LIMIT_STREAMS", cls.limit_streams)),
+            "limit_starts_per_second": float(env.get("AGENTRUN_LIMIT_STARTS_PER_SECOND", cls.limit_starts_per_second)),
+            "limit_start_burst": int(env.get("AGENTRUN_LIMIT_START_BURST", cls.limit_start_burst)),
             "temporal_api_key": env.get("TEMPORAL_API_KEY") or None,
             "temporal_tls": env.get("TEMPORAL_TLS", "").lower() in ("1", "true", "yes"),
             "temporal_tls_ca": env.get("TEMPORAL_TLS_SERVER_CA_CERT_PATH") or None,

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from agent_service._auth import AuthConfigError
@@ -398,3 +399,90 @@ async def test_a_certificate_without_its_tenant_or_from_another_ca_gets_nowhere(
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await anonymous.list_agents()
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# Per-principal limits.
+
+
+def retry_delay(err: grpc.aio.AioRpcError) -> float:
+    """The google.rpc.RetryInfo detail of a rich status, in seconds."""
+    trailers = dict(err.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    assert (status.code, status.message) == (err.code().value[0], err.details())
+    [detail] = status.details
+    info = error_details_pb2.RetryInfo()
+    assert detail.Unpack(info)
+    return float(info.retry_delay.ToTimedelta().total_seconds())
+
+
+async def test_a_principal_holding_its_streams_is_refused_another_and_other_principals_go_on(
+    stack: Stack, issuer: Issuer
+) -> None:
+    async with server_for(stack, with_auth(stack.settings, issuer, limit_streams=2)) as address:
+        async with AgentRunClient(address, token=issuer.token(subject="setup")) as setup:
+            run = await pending_run(setup, stack)
+        ada = (("authorization", f"Bearer {issuer.token()}"),)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            held = [stub.StreamRun(pb.StreamRunRequest(run_id=run.run_id), metadata=ada) for _ in range(2)]
+            for stream in held:
+                await stream.read()  # the stream is open on the server
+
+            third = stub.StreamRun(pb.StreamRunRequest(run_id=run.run_id), metadata=ada)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await third.read()
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert details(raised.value) == (
+                "'ada' already holds 2 open streams on this server, its limit; close one, or retry in 1 s (or on "
+                "another replica)"
+            )
+            assert retry_delay(raised.value) == 1.0
+
+            # Another principal of the same tenant streams, reads and lists as if ada were not there.
+            async with AgentRunClient(address, token=issuer.token(subject="bob")) as bob:
+                bob_streams = [bob.stream_run(run.run_id) for _ in range(2)]
+                for events in bob_streams:
+                    assert (await anext(events)).sequence == 1
+                assert (await bob.get_run(run.run_id)).state == pb.RUN_STATE_WAITING_FOR_APPROVAL
+                await bob.list_runs()
+                for events in bob_streams:
+                    await events.aclose()
+            # And ada's other calls go on.
+            assert (await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=ada)).run.run_id == run.run_id
+
+            # A stream that ends gives its place back.
+            held[0].cancel()
+            for _ in range(500):
+                again = stub.StreamRun(pb.StreamRunRequest(run_id=run.run_id), metadata=ada)
+                try:
+                    await again.read()
+                    break
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the cancelled stream never gave its place back")
+            for stream in [held[1], again]:
+                stream.cancel()
+
+
+async def test_start_run_is_rate_limited_per_principal_saying_when_to_retry(stack: Stack, issuer: Issuer) -> None:
+    settings = with_auth(stack.settings, issuer, limit_starts_per_second=0.01, limit_start_burst=2)
+    async with server_for(stack, settings) as address:
+        async with (
+            AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as ada,
+            AgentRunClient(address, token=issuer.token(subject="bob"), retry_budget_seconds=0) as bob,
+        ):
+            for _ in range(2):
+                await ada.start_run("assistant", "hi")
+
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await ada.start_run("assistant", "one too many")
+
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            delay = retry_delay(raised.value)
+            assert 99 < delay <= 100  # one token at 0.01 per second
+            assert details(raised.value) == (
+                f"'ada' starts runs faster than 0.01 per second (bursts of 2); retry in {delay:.3f} s"
+            )
+            await bob.start_run("assistant", "bob has a bucket of his own")
