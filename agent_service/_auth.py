@@ -12,9 +12,11 @@ No token is ever logged or echoed: messages say what is wrong with it (expired, 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -162,6 +164,16 @@ class _JwksUrl:
             raise _unauthenticated("the token is signed with a key that this server does not trust") from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _match(keys: Iterable[jwt.PyJWK], kid: str | None) -> jwt.PyJWK:
     keys = list(keys)
     if kid is None and len(keys) == 1:
@@ -208,6 +220,10 @@ class Authenticator:
                     "AGENTRUN_AUTH_ISSUER and AGENTRUN_AUTH_AUDIENCE are needed with AGENTRUN_AUTH_JWKS"
                 )
             source = settings.auth_jwks
+            if source.startswith("http://") and not is_loopback(urllib.parse.urlsplit(source).hostname or ""):
+                raise AuthConfigError(
+                    "AGENTRUN_AUTH_JWKS: a JWKS URL must be https:// (keys fetched in plaintext can be forged)"
+                )
             keys = _JwksUrl(source) if source.startswith(("https://", "http://")) else _JwksFile(source)
         rights = parse_certificate_rights(settings.auth_client_rights) if settings.tls_client_ca else None
         return cls(settings.auth_issuer or "", settings.auth_audience or "", settings.auth_tenant_claim, keys, rights)

@@ -8,7 +8,6 @@ import binascii
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 import uuid
@@ -19,6 +18,7 @@ import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import (
     Client,
     WorkflowExecution,
@@ -43,6 +43,7 @@ from agent_service._auth import (
     Authentication,
     Authenticator,
     check_subject,
+    is_loopback,
     principal,
 )
 from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal, invalid, temporal_timeout
@@ -708,15 +709,6 @@ def _check_id(field: str, value: str, *, required: bool) -> None:
         raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """The server's TLS credentials; with a client CA, every caller must present a certificate it signed (gRPC
     verifies a client certificate only when it requires one)."""
@@ -732,6 +724,26 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if key is None or cert is None:
         raise AuthConfigError("AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY go together")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
+async def _check_tenant_attribute(temporal: Client, namespace: str) -> None:
+    """AuthConfigError when the namespace lacks the search attribute that tenants' runs carry: every StartRun would
+    fail. A Temporal that does not let this server ask (Temporal Cloud's API keys may not) is trusted to have it."""
+    try:
+        listed = await temporal.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace), timeout=timedelta(seconds=10)
+        )
+    except RPCError as err:
+        if err.status not in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNIMPLEMENTED):
+            raise
+        log.warning("could not check that namespace %r has the search attribute %s", namespace, TENANT_SEARCH_ATTRIBUTE)
+        return
+    if TENANT_SEARCH_ATTRIBUTE not in listed.custom_attributes:
+        raise AuthConfigError(
+            f"the Temporal namespace {namespace!r} lacks the search attribute {TENANT_SEARCH_ATTRIBUTE} that "
+            f"tenants' runs carry: temporal operator search-attribute create --namespace {namespace} --name "
+            f"{TENANT_SEARCH_ATTRIBUTE} --type Keyword"
+        )
 
 
 async def serve(
@@ -750,7 +762,7 @@ async def serve(
     """
     authenticator = Authenticator.from_settings(settings)
     credentials = _credentials(settings)
-    if authenticator is None and not insecure and not _is_loopback(host):
+    if authenticator is None and not insecure and not is_loopback(host):
         raise AuthConfigError(
             f"refusing to listen on {host} without authentication: set AGENTRUN_AUTH_JWKS (with AGENTRUN_AUTH_ISSUER "
             "and AGENTRUN_AUTH_AUDIENCE) or AGENTRUN_TLS_CLIENT_CA, or pass --insecure to let anyone who can reach "
@@ -763,6 +775,8 @@ async def serve(
         )
     agents = load_agents(settings.agents_file)
     temporal = temporal or await connect_temporal(settings)
+    if authenticator is not None:
+        await _check_tenant_attribute(temporal, settings.temporal_namespace)
     redis_client = redis_client or connect_redis(settings, name=REDIS_CLIENT_NAME, wait_out_outages=False)
     # Authentication first: a caller it refuses reaches nothing else, not even the request's decoding.
     interceptors: list[grpc.aio.ServerInterceptor] = [Authentication(authenticator), ErrorMapping()]
@@ -822,7 +836,7 @@ async def run_server(
         "TLS" if settings.tls_cert else "plaintext",
         "callers authenticated" if authenticated else "NO authentication",
     )
-    if authenticated and not settings.tls_cert and not _is_loopback(host):
+    if authenticated and not settings.tls_cert and not is_loopback(host):
         log.warning("tokens reach this server in plaintext: give it AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY")
     await stop.wait()
     log.info("server shutting down")

@@ -10,17 +10,20 @@ from pathlib import Path
 
 import grpc
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 
 from agent_service._auth import AuthConfigError
 from agent_service.server import serve
 from agentrun.client import AgentRunClient, tls_credentials
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
-from devstack.stack import wait_until_serving
+from devstack.stack import free_port, wait_until_serving
 from shared.conversations import ConversationStore, tenant_conversation
 from tests.conftest import AuthStack, Stack, details, server_for, with_auth
 from tests.credentials import ALL_RIGHTS, CertificateAuthority, Issuer
@@ -486,3 +489,102 @@ async def test_start_run_is_rate_limited_per_principal_saying_when_to_retry(stac
                 f"'ada' starts runs faster than 0.01 per second (bursts of 2); retry in {delay:.3f} s"
             )
             await bob.start_run("assistant", "bob has a bucket of his own")
+
+
+# Where the keys come from.
+
+
+async def test_a_rotated_jwks_file_is_read_again_without_a_restart(auth_stack: AuthStack, tmp_path: Path) -> None:
+    rotated = Issuer(tmp_path / "next.json")
+    rotated.jwks_file.replace(auth_stack.issuer.jwks_file)  # the operator writes the new key set in its place
+
+    async with auth_stack.client(rotated.token()) as client:
+        assert [agent.name for agent in await client.list_agents()][:1] == ["assistant"]
+    async with auth_stack.client(auth_stack.issuer.token()) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.list_agents()
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert details(raised.value) == "the token is signed with a key that this server does not trust"
+
+
+@dataclass
+class JwksEndpoint:
+    url: str
+    fetches: int = 0
+
+
+@pytest.fixture
+async def jwks_endpoint(issuer: Issuer) -> AsyncIterator[JwksEndpoint]:
+    """The issuer's JWKS served over HTTP on loopback, counting the fetches."""
+    endpoint = JwksEndpoint("")
+
+    async def keys(request: web.Request) -> web.Response:
+        endpoint.fetches += 1
+        return web.Response(text=issuer.jwks_file.read_text(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", keys)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    endpoint.url = f"http://127.0.0.1:{port}/jwks.json"
+    yield endpoint
+    await runner.cleanup()
+
+
+async def test_keys_from_a_jwks_url_are_cached_and_made_up_key_ids_do_not_hammer_it(
+    stack: Stack, issuer: Issuer, jwks_endpoint: JwksEndpoint, tmp_path: Path
+) -> None:
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=jwks_endpoint.url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            for _ in range(3):
+                await client.list_agents()
+        assert jwks_endpoint.fetches == 1
+
+        stranger = Issuer(tmp_path / "stranger.json")
+        for _ in range(3):
+            async with AgentRunClient(address, token=stranger.token(), retry_budget_seconds=0) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await client.list_agents()
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert details(raised.value) == "the token is signed with a key that this server does not trust"
+        # Within JWKS_REFETCH_SECONDS of the last fetch an unknown key id fetches nothing: forged key ids cannot make
+        # the server hammer the issuer.
+        assert jwks_endpoint.fetches == 1
+
+
+async def test_an_unreachable_jwks_url_is_unavailable_naming_it(stack: Stack, issuer: Issuer) -> None:
+    url = f"http://127.0.0.1:{free_port()}/jwks.json"
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.list_agents()
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(raised.value) == f"the token's keys cannot be fetched from {url}; retry later"
+
+
+async def test_a_plaintext_jwks_url_elsewhere_than_loopback_is_refused(stack: Stack, issuer: Issuer) -> None:
+    settings = with_auth(stack.settings, issuer, auth_jwks="http://issuer.example/jwks.json")
+    with pytest.raises(AuthConfigError) as raised:
+        await serve(settings, port=0, temporal=stack.temporal, redis_client=stack.redis)
+    assert str(raised.value).startswith("AGENTRUN_AUTH_JWKS: a JWKS URL must be https://")
+
+
+async def test_a_namespace_without_the_tenant_search_attribute_is_refused_at_start(
+    stack: Stack, issuer: Issuer
+) -> None:
+    namespace = f"bare-{uuid.uuid4().hex[:8]}"
+    await stack.temporal.workflow_service.register_namespace(
+        RegisterNamespaceRequest(namespace=namespace, workflow_execution_retention_period=Duration(seconds=86400))
+    )
+    settings = with_auth(stack.settings, issuer, temporal_namespace=namespace)
+
+    with pytest.raises(AuthConfigError) as raised:
+        await serve(settings, port=0, redis_client=stack.redis)
+
+    assert str(raised.value) == (
+        f"the Temporal namespace {namespace!r} lacks the search attribute AgentrunTenant that tenants' runs carry: "
+        f"temporal operator search-attribute create --namespace {namespace} --name AgentrunTenant --type Keyword"
+    )
