@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import redis.asyncio as redis
@@ -718,7 +719,7 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     try:
         files = [settings.tls_key, settings.tls_cert, settings.tls_client_ca]
-        key, cert, client_ca = (open(path, "rb").read() if path else None for path in files)  # noqa: SIM115
+        key, cert, client_ca = (Path(path).read_bytes() if path else None for path in files)
     except OSError as err:
         raise AuthConfigError(f"cannot read a TLS file ({err.filename}): {err.strerror}") from None
     if key is None or cert is None:
