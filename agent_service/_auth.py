@@ -251,7 +251,7 @@ class Authenticator:
         token = token.strip()
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:
             raise _unauthenticated("the token is malformed (not a signed JWT)") from None
         kid = header.get("kid")
         key = await self.keys.key(kid if isinstance(kid, str) else None)

@@ -242,3 +242,18 @@ async def test_ctrl_c_ends_client_streams_with_shutting_down_and_stops_everythin
     # Temporal, Valkey and everything else it started are gone with it.
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+async def test_a_server_without_authentication_refuses_a_public_address_unless_insecure() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")}
+    port = str(free_port())
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "server", "--host", "0.0.0.0", "--port", port, cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == 1
+    assert err.decode().startswith(
+        "agentrun server: refusing to listen on 0.0.0.0 without authentication: set AGENTRUN_AUTH_JWKS"
+    )
+    assert "or pass --insecure" in err.decode() and "Traceback" not in err.decode()
