@@ -255,12 +255,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
         run_id, after = request.run_id, request.after_sequence
         telemetry.current_run_id.set(run_id)
         caller = principal()
-        await self._check_tenant(run_id, caller.tenant)
         span = await self._stream_span(context, run_id) if telemetry.enabled() else None
         metrics = telemetry.instruments()
         metrics.open_streams.add(1)
         relayed = 0
         try:
+            await self._check_tenant(run_id, caller.tenant)
             with self._limits.stream(caller):
                 async for response in self._stream(run_id, after):
                     if relayed == EVENTS_METRIC_BATCH:
