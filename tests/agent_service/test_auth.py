@@ -338,6 +338,26 @@ async def tls_server(stack: Stack, issuer: Issuer, tmp_path: Path) -> AsyncItera
         yield TlsServer(address.replace("127.0.0.1", "localhost"), ca)
 
 
+async def test_tokens_travel_over_server_tls_without_client_certificates(
+    stack: Stack, issuer: Issuer, tmp_path: Path
+) -> None:
+    ca = CertificateAuthority(tmp_path)
+    server_cert = ca.issue("localhost", dns="localhost")
+    tls = dict(tls_cert=str(server_cert.cert_file), tls_key=str(server_cert.key_file))
+    async with server_for(stack, with_auth(stack.settings, issuer, **tls)) as address:
+        server = address.replace("127.0.0.1", "localhost")
+        credentials = tls_credentials(ca_file=str(ca.cert_file))
+        async with AgentRunClient(server, credentials=credentials, token=issuer.token(), retry_budget_seconds=0) as ada:
+            completed = await ada.run("assistant", "hi over TLS")
+        assert completed.output.endswith("You said: hi over TLS")
+
+        # Plaintext to a TLS port gets nowhere.
+        async with AgentRunClient(server, token=issuer.token(), retry_budget_seconds=0) as plain:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await plain.list_agents()
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def mtls_client(
     server: TlsServer, ca: CertificateAuthority, name: str, org: str | None, token: str | None = None
 ) -> AgentRunClient:
