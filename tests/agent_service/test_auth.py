@@ -200,18 +200,19 @@ async def test_the_same_request_id_in_two_tenants_starts_two_runs_and_repeats_fi
     issuer = auth_stack.issuer
     request_id = uuid.uuid4().hex
     async with auth_stack.client(issuer.token()) as acme, auth_stack.client(issuer.token(tenant="globex")) as globex:
-        acme_run = await acme.start_run("assistant", "same", request_id=request_id)
-        globex_run = await globex.start_run("assistant", "same", request_id=request_id)
+        acme_run = await acme.start_run("assistant", "from acme", request_id=request_id)
+        # Another request under the same request_id is no ALREADY_EXISTS in another tenant: its ids are its own.
+        globex_run = await globex.start_run("assistant", "from globex", request_id=request_id)
 
         assert acme_run != globex_run
-        assert await acme.start_run("assistant", "same", request_id=request_id) == acme_run
-        assert await globex.start_run("assistant", "same", request_id=request_id) == globex_run
+        assert await acme.start_run("assistant", "from acme", request_id=request_id) == acme_run
+        assert await globex.start_run("assistant", "from globex", request_id=request_id) == globex_run
         assert (await acme.get_run(acme_run)).run_id == acme_run
         assert (await globex.get_run(globex_run)).run_id == globex_run
 
     # Without the server's secret the id cannot be worked out: it is no digest of the request_id alone.
     async with AgentRunClient(auth_stack.stack.address) as insecure:
-        assert await insecure.start_run("assistant", "same", request_id=request_id) not in (acme_run, globex_run)
+        assert await insecure.start_run("assistant", "from acme", request_id=request_id) not in (acme_run, globex_run)
 
 
 async def test_a_conversation_id_in_two_tenants_is_two_conversations(auth_stack: AuthStack) -> None:
