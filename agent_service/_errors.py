@@ -14,10 +14,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
 import redis.exceptions
+from google.protobuf.any_pb2 import Any as ProtoAny
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from temporalio.client import RPCTimeoutOrCancelledError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -37,12 +41,16 @@ StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
 
 
 class ApiError(Exception):
-    """A request answered with a status other than OK; the message is fit for the caller."""
+    """A request answered with a status other than OK; the message is fit for the caller.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    ``retry_after`` (seconds) goes to the caller as a google.rpc.RetryInfo detail too, for clients that read it.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 # When the call being served must be answered by (monotonic clock), so that calls to Temporal give up in time
@@ -110,6 +118,19 @@ def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has the details"
 
 
+async def abort(context: Context, err: Exception) -> NoReturn:
+    """Ends the call with the status of ``err``; a retry delay travels as a RetryInfo detail (rich status)."""
+    code, message = status_of(err)
+    if isinstance(err, ApiError) and err.retry_after is not None:
+        delay = Duration()
+        delay.FromTimedelta(timedelta(seconds=err.retry_after))
+        detail = ProtoAny()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+        await context.abort(code, message, status.trailing_metadata)
+    await context.abort(code, message)
+
+
 class _Undecodable:
     """What a request whose bytes are no message of the method's request type decodes to."""
 
@@ -147,7 +168,7 @@ def _unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         except grpc.aio.AbortError:
             raise  # the handler chose its status itself
         except Exception as err:
-            await context.abort(*status_of(err))
+            await abort(context, err)
 
     return wrapped
 
@@ -162,7 +183,7 @@ def _streaming(behavior: StreamBehavior, method: str) -> StreamBehavior:
         except grpc.aio.AbortError:
             raise  # the handler chose its status itself
         except Exception as err:
-            await context.abort(*status_of(err))
+            await abort(context, err)
 
     return wrapped
 

@@ -7,16 +7,19 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import (
     Client,
     WorkflowExecution,
@@ -24,12 +27,28 @@ from temporalio.client import (
     WorkflowUpdateRPCTimeoutOrCancelledError,
     WorkflowUpdateStage,
 )
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from agent_service import _reflection, _runs
+from agent_service._auth import (
+    RESERVED_PREFIX,
+    AuthConfigError,
+    Authentication,
+    Authenticator,
+    check_subject,
+    is_loopback,
+    principal,
+)
 from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal, invalid, temporal_timeout
+from agent_service._limits import Limits
 from agent_service._relay import CATCH_UP_BATCH, StreamRelay
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
@@ -38,7 +57,10 @@ from shared.agents import AgentConfig, load_agents, sub_agent_snapshot
 from shared.contract import (
     DECIDE_APPROVAL_UPDATE,
     MEMO_AGENT,
+    MEMO_APPROVERS,
     MEMO_CONVERSATION,
+    MEMO_TENANT,
+    TENANT_SEARCH_ATTRIBUTE,
     WORKFLOW_NAME,
     Approval,
     ApprovalAnswer,
@@ -46,7 +68,7 @@ from shared.contract import (
     ErrorType,
     RunInput,
 )
-from shared.conversations import ConversationStore
+from shared.conversations import ConversationStore, tenant_conversation
 from shared.events import is_terminal
 from shared.run_stream import (
     StartMark,
@@ -109,6 +131,7 @@ _APPROVAL_ERRORS = {ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDI
 _ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")  # matched whole (fullmatch): "$" would let a final newline in
+_TENANT_KEY = SearchAttributeKey.for_keyword(TENANT_SEARCH_ATTRIBUTE)
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
@@ -118,6 +141,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self._redis = redis_client
         self._agents = agents
         self._conversations = ConversationStore(redis_client, settings.redis_prefix)
+        self._limits = Limits(
+            max_streams=settings.limit_streams,
+            starts_per_second=settings.limit_starts_per_second,
+            start_burst=settings.limit_start_burst,
+        )
         self.relay = StreamRelay(
             settings.redis_url, redis_client, settings.redis_prefix, self._ended_runs, name=f"{REDIS_CLIENT_NAME}-relay"
         )
@@ -136,19 +164,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"agent {request.agent!r} is not configured; the agents are: {', '.join(sorted(self._agents))}",
             )
+        caller = principal()
+        self._limits.take_start(caller)
+        tenant = caller.tenant
         # A request_id maps to one workflow id, and Temporal admits one workflow per
         # id: duplicates, concurrent or late, all land on the first run.
         if request.request_id:
-            run_id = "run-" + hashlib.sha256(request.request_id.encode()).hexdigest()[:32]
+            run_id = _run_id(self._settings.run_id_secret, tenant, request.request_id)
             digest = _request_digest(request)
             # Before anything is written for it: the same request_id with another request is a caller's mistake.
             with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
                 _check_same_request(await start_mark(self._redis, self._settings.redis_prefix, run_id), digest, run_id)
         else:
             run_id, digest = "run-" + uuid.uuid4().hex, ""
-        conversation = request.conversation_id
+        conversation = tenant_conversation(tenant, request.conversation_id)
         if conversation:
-            await self._claim_conversation(conversation, run_id, agent)
+            await self._claim_conversation(conversation, run_id, agent, request.conversation_id)
             # The user's turn is saved before the run starts, so a run that fails
             # later never loses it (saving is idempotent per run).
             await self._conversations.append(
@@ -167,7 +198,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 # A backstop only: the workflow enforces the run's timeout itself and ends cleanly.
                 execution_timeout=timedelta(seconds=agent.run_timeout_seconds() + RUN_TIMEOUT_GRACE_SECONDS),
-                memo={MEMO_AGENT: agent.name, MEMO_CONVERSATION: conversation},
+                memo={
+                    MEMO_AGENT: agent.name,
+                    MEMO_CONVERSATION: request.conversation_id,
+                    MEMO_TENANT: tenant,
+                    MEMO_APPROVERS: list(agent.approval.approvers),
+                },
+                # ListRuns finds a tenant's runs by it; runs without a tenant need no search attribute.
+                search_attributes=TypedSearchAttributes([SearchAttributePair(_TENANT_KEY, tenant)] if tenant else []),
             )
             await from_temporal(started)
         except WorkflowAlreadyStartedError:
@@ -179,7 +217,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 await self._conversations.release_active_run(conversation, run_id)
             raise
         # The run's trace is the one of the StartRun that started it: a duplicate StartRun answers with that one.
-        mark = StartMark(telemetry.traceparent(), digest)
+        mark = StartMark(telemetry.traceparent(), digest, tenant)
         # Lets StreamRun follow the run before its first event without asking Temporal; without it, it asks.
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             ttl = self._settings.stream_ttl_seconds
@@ -191,8 +229,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
         trace_id = f"{run_trace.trace_id:032x}" if run_trace is not None else telemetry.trace_id_hex()
         return pb.StartRunResponse(run_id=run_id, trace_id=trace_id)
 
-    async def _claim_conversation(self, conversation: str, run_id: str, agent: AgentConfig) -> None:
-        """One active run per conversation; a claim left by a run that has ended is taken over."""
+    async def _claim_conversation(self, conversation: str, run_id: str, agent: AgentConfig, named: str) -> None:
+        """One active run per conversation (its tenant's key; ``named`` is the caller's id); a claim left by a run
+        that has ended is taken over."""
         lease = int(agent.run_timeout_seconds() + RUN_TIMEOUT_GRACE_SECONDS)
         holder = await self._conversations.acquire_active_run(conversation, run_id, ttl_seconds=lease)
         if holder is None:
@@ -204,7 +243,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         current = await self._conversations.active_run(conversation) or holder
         raise ApiError(
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"conversation {conversation!r} already has an active run {current!r}; wait for it to end or cancel it",
+            f"conversation {named!r} already has an active run {current!r}; wait for it to end or cancel it",
         )
 
     async def _is_running(self, run_id: str) -> bool:
@@ -217,17 +256,20 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("after_sequence", "must not be negative")
         run_id, after = request.run_id, request.after_sequence
         telemetry.current_run_id.set(run_id)
+        caller = principal()
         span = await self._stream_span(context, run_id) if telemetry.enabled() else None
         metrics = telemetry.instruments()
         metrics.open_streams.add(1)
         relayed = 0
         try:
-            async for response in self._stream(run_id, after):
-                if relayed == EVENTS_METRIC_BATCH:
-                    metrics.stream_events.add(relayed)
-                    relayed = 0
-                relayed += 1
-                yield response
+            await self._check_tenant(run_id, caller.tenant)
+            with self._limits.stream(caller):
+                async for response in self._stream(run_id, after):
+                    if relayed == EVENTS_METRIC_BATCH:
+                        metrics.stream_events.add(relayed)
+                        relayed = 0
+                    relayed += 1
+                    yield response
         except Exception as err:
             if span is not None:
                 span.record_exception(err)
@@ -239,6 +281,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 metrics.stream_events.add(relayed)
             if span is not None:
                 span.end()
+
+    async def _check_tenant(self, run_id: str, tenant: str) -> None:
+        """NOT_FOUND, as for a run that does not exist, unless the run is the tenant's: by its start mark in Redis
+        when Redis has it, else by Temporal's record."""
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            mark = await start_mark(self._redis, self._settings.redis_prefix, run_id)
+            if mark is not None:
+                if mark.tenant != tenant:
+                    raise _no_such_run(run_id)
+                return
+        await self._describe(run_id)
 
     async def _stream_span(self, context: Context, run_id: str) -> trace.Span:
         """StreamRun's server span, in the caller's trace and linked to the run's.
@@ -397,11 +450,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise invalid("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
         token = _temporal_page_token(request.page_token)
-        page = self._temporal.list_workflows(
-            # Sub-agents' runs are part of their roots'; a run that continued as new is listed once, by its latest
-            # execution.
+        # Sub-agents' runs are part of their roots'; a run that continued as new is listed once, by its latest
+        # execution.
+        query = (
             f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}' "
-            "AND ParentWorkflowId IS NULL AND ExecutionStatus != 'ContinuedAsNew'",
+            "AND ParentWorkflowId IS NULL AND ExecutionStatus != 'ContinuedAsNew'"
+        )
+        caller = principal()
+        if caller.authenticated:  # tenants are checked against the id rules: they need no quoting
+            query += f" AND {TENANT_SEARCH_ATTRIBUTE} = '{caller.tenant}'"
+        page = self._temporal.list_workflows(
+            query,
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
             next_page_token=token,
         )
@@ -445,8 +504,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if telemetry.enabled():
             await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
-        # A sub-agent's approval is answered through the root's id, and decided by the sub-agent's run.
+        # A sub-agent's approval is answered through the root's id, and decided by the sub-agent's run, under the
+        # sub-agent's approvers.
         asking = await self._asking_run(execution, request.approval_id)
+        approvers: list[str] = await asking.memo_value(MEMO_APPROVERS, [], type_hint=list[str])
+        if approvers and approver not in approvers:
+            agent = await asking.memo_value(MEMO_AGENT, "")
+            raise ApiError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{approver!r} may not decide approvals of agent {agent!r}: only its approvers may "
+                "(approval.approvers in the agents file)",
+            )
         recorded = await _runs.recorded_approval(asking, request.approval_id)
         if recorded is None and not await self._is_pending_in_redis(request.run_id, request.approval_id):
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"approval {request.approval_id!r} does not exist")
@@ -551,25 +619,47 @@ class AgentService(pb_grpc.AgentServiceServicer):
         return execution if _runs.is_agent_run(execution) else None
 
     async def _describe(self, run_id: str) -> WorkflowExecution:
+        """The caller's run; NOT_FOUND when there is none, or when it is another tenant's (the same answer, so that
+        nobody learns which ids another tenant uses)."""
         execution = await self._find(run_id)
-        if execution is None:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, f"run {run_id!r} does not exist")
+        if execution is None or await execution.memo_value(MEMO_TENANT, "") != principal().tenant:
+            raise _no_such_run(run_id)
         return execution
+
+
+def _no_such_run(run_id: str) -> ApiError:
+    return ApiError(grpc.StatusCode.NOT_FOUND, f"run {run_id!r} does not exist")
 
 
 def approver_of(context: Context) -> str:
     """Who is calling Approve: the one place that reads the approver's identity.
 
-    Until authentication lands, it comes from the request metadata.
+    The authenticated subject; without authentication (loopback dev and tests), the name in the request metadata.
+    Never the server's own names (``agentrun:timeout``).
     """
+    caller = principal()
+    if caller.authenticated:
+        return check_subject(caller.subject, "the approver")
     for key, value in context.invocation_metadata() or ():
         if key == APPROVER_METADATA and isinstance(value, str) and value.strip():
             if len(value) > MAX_ID_LENGTH:
                 raise invalid(APPROVER_METADATA, f"must be at most {MAX_ID_LENGTH} characters")
+            if value.strip().startswith(RESERVED_PREFIX):
+                raise invalid(APPROVER_METADATA, f"names starting with {RESERVED_PREFIX!r} are the server's own")
             return value.strip()
     raise ApiError(
         grpc.StatusCode.UNAUTHENTICATED, f"Approve needs the approver's identity in the {APPROVER_METADATA} metadata"
     )
+
+
+def _run_id(secret: str | None, tenant: str, request_id: str) -> str:
+    """The run id of a request_id: the same for every replica and every retry, and, under the server's secret,
+    one that nobody without it can work out for another tenant. Without a secret (no authentication, so one
+    tenant) it is the digest it has always been."""
+    if secret is None:
+        return "run-" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
+    keyed = hmac.new(secret.encode(), f"{tenant}\0{request_id}".encode(), hashlib.sha256)
+    return "run-" + keyed.hexdigest()[:32]
 
 
 def _responses(event: pb.RunEvent, after: int) -> list[pb.StreamRunResponse]:
@@ -656,6 +746,43 @@ def _check_id(field: str, value: str, *, required: bool) -> None:
         raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
 
 
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The server's TLS credentials; with a client CA, every caller must present a certificate it signed (gRPC
+    verifies a client certificate only when it requires one)."""
+    if not settings.tls_cert and not settings.tls_key:
+        if settings.tls_client_ca:
+            raise AuthConfigError("AGENTRUN_TLS_CLIENT_CA needs AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY")
+        return None
+    try:
+        files = [settings.tls_key, settings.tls_cert, settings.tls_client_ca]
+        key, cert, client_ca = (Path(path).read_bytes() if path else None for path in files)
+    except OSError as err:
+        raise AuthConfigError(f"cannot read a TLS file ({err.filename}): {err.strerror}") from None
+    if key is None or cert is None:
+        raise AuthConfigError("AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY go together")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
+async def _check_tenant_attribute(temporal: Client, namespace: str) -> None:
+    """AuthConfigError when the namespace lacks the search attribute that tenants' runs carry: every StartRun would
+    fail. A Temporal that does not let this server ask (Temporal Cloud's API keys may not) is trusted to have it."""
+    try:
+        listed = await temporal.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace), timeout=timedelta(seconds=10)
+        )
+    except RPCError as err:
+        if err.status not in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNIMPLEMENTED):
+            raise
+        log.warning("could not check that namespace %r has the search attribute %s", namespace, TENANT_SEARCH_ATTRIBUTE)
+        return
+    if TENANT_SEARCH_ATTRIBUTE not in listed.custom_attributes:
+        raise AuthConfigError(
+            f"the Temporal namespace {namespace!r} lacks the search attribute {TENANT_SEARCH_ATTRIBUTE} that "
+            f"tenants' runs carry: temporal operator search-attribute create --namespace {namespace} --name "
+            f"{TENANT_SEARCH_ATTRIBUTE} --type Keyword"
+        )
+
+
 async def serve(
     settings: Settings,
     *,
@@ -663,12 +790,33 @@ async def serve(
     host: str = "127.0.0.1",
     temporal: Client | None = None,
     redis_client: redis.Redis | None = None,
+    insecure: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Starts the server; port 0 picks a free port. Returns the server and its port; stop it with ``shutdown``."""
+    """Starts the server; port 0 picks a free port. Returns the server and its port; stop it with ``shutdown``.
+
+    Without authentication settings the server authenticates no one, so it listens only on a loopback address
+    unless ``insecure`` says that this is meant. AuthConfigError names a setting that is missing or unreadable.
+    """
+    authenticator = Authenticator.from_settings(settings)
+    credentials = _credentials(settings)
+    if authenticator is None and not insecure and not is_loopback(host):
+        raise AuthConfigError(
+            f"refusing to listen on {host} without authentication: set AGENTRUN_AUTH_JWKS (with AGENTRUN_AUTH_ISSUER "
+            "and AGENTRUN_AUTH_AUDIENCE) or AGENTRUN_TLS_CLIENT_CA, or pass --insecure to let anyone who can reach "
+            "the port read, start, approve and cancel every run"
+        )
+    if authenticator is not None and not settings.run_id_secret:
+        raise AuthConfigError(
+            "AGENTRUN_RUN_ID_SECRET is needed with authentication: run ids are keyed with it so that no tenant can "
+            "work out another's (give every replica the same long random value)"
+        )
     agents = load_agents(settings.agents_file)
     temporal = temporal or await connect_temporal(settings)
+    if authenticator is not None:
+        await _check_tenant_attribute(temporal, settings.temporal_namespace)
     redis_client = redis_client or connect_redis(settings, name=REDIS_CLIENT_NAME, wait_out_outages=False)
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMapping()]
+    # Authentication first: a caller it refuses reaches nothing else, not even the request's decoding.
+    interceptors: list[grpc.aio.ServerInterceptor] = [Authentication(authenticator), ErrorMapping()]
     if telemetry.enabled() and "grpc" not in telemetry.disabled_instrumentations():
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
@@ -683,7 +831,8 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _reflection.enable(server, [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # gRPC's error when the port is taken
         bound = 0
     if bound == 0:
@@ -709,11 +858,23 @@ async def shutdown(server: grpc.aio.Server, grace: float = SHUTDOWN_GRACE_SECOND
     await server.stop(grace)
 
 
-async def run_server(settings: Settings, *, port: int, host: str, stop: asyncio.Event | None = None) -> None:
+async def run_server(
+    settings: Settings, *, port: int, host: str, stop: asyncio.Event | None = None, insecure: bool = False
+) -> None:
     stop = stop or stop_on_signals()
     telemetry.setup("agentrun-server")
-    server, bound = await serve(settings, port=port, host=host)
-    log.info("AgentService listening on %s:%d (task queue %r)", host, bound, settings.task_queue)
+    server, bound = await serve(settings, port=port, host=host, insecure=insecure)
+    authenticated = settings.auth_jwks or settings.tls_client_ca
+    log.info(
+        "AgentService listening on %s:%d (task queue %r; %s; %s)",
+        host,
+        bound,
+        settings.task_queue,
+        "TLS" if settings.tls_cert else "plaintext",
+        "callers authenticated" if authenticated else "NO authentication",
+    )
+    if authenticated and not settings.tls_cert and not is_loopback(host):
+        log.warning("tokens reach this server in plaintext: give it AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY")
     await stop.wait()
     log.info("server shutting down")
     await shutdown(server)

@@ -39,6 +39,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)"
     )
     server.add_argument("--port", type=int, default=50051, help="port to listen on (default: 50051)")
+    server.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback --host without authentication: anyone who reaches the port can do anything",
+    )
     server.set_defaults(main=_server)
     worker = commands.add_parser("worker", help="run the worker service (TEMPORAL_ADDRESS, REDIS_URL, OPENAI_* ...)")
     worker.set_defaults(main=_worker)
@@ -98,13 +103,14 @@ def _printed_traces() -> Iterator[None]:
 
 
 def _server(args: argparse.Namespace) -> int:
+    from agent_service._auth import AuthConfigError
     from agent_service.server import run_server
     from shared.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format=SERVICE_LOG_FORMAT)
     try:
-        asyncio.run(run_server(Settings.from_env(), port=args.port, host=args.host))
-    except OSError as err:
+        asyncio.run(run_server(Settings.from_env(), port=args.port, host=args.host, insecure=args.insecure))
+    except (OSError, AuthConfigError) as err:
         print(f"agentrun server: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

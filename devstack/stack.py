@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2
 
 from agentrun.cli import DEFAULT_SERVER, command, print_stream
 from agentrun.client import AgentRunClient
+from devstack import credentials
 
 log = logging.getLogger("agentrun.dev")
 
@@ -103,8 +105,12 @@ async def temporal_dev_server(
     It runs in a session of its own, so that Ctrl-C in a terminal reaches only this process, which stops the
     services that need Temporal first and Temporal last.
     """
+    from shared.contract import TENANT_SEARCH_ATTRIBUTE
+
     port = port or free_port()
     args = ["server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--log-level", "error"]
+    # ListRuns filters a tenant's runs by it.
+    args += ["--search-attribute", f"{TENANT_SEARCH_ATTRIBUTE}=Keyword"]
     args += (["--ui-port", str(ui_port)] if ui_port else []) if ui else ["--headless"]
     with tempfile.TemporaryFile() as errors:
         process = await asyncio.create_subprocess_exec(
@@ -195,8 +201,19 @@ async def run_dev(*, port: int, temporal_port: int, ui_port: int, demo_prompt: s
         )
         redis_url = await stack.enter_async_context(redis_server(redis_url))
         settings = replace(settings, temporal_address=temporal_address, redis_url=redis_url)
+        # Authentication on, as in production, with a key made for this start and a token for this user's CLI.
+        dev = credentials.make(f"127.0.0.1:{port}")
+        stack.callback(credentials.forget, dev)
+        settings = replace(
+            settings,
+            auth_jwks=str(dev.jwks_file),
+            auth_issuer=credentials.ISSUER,
+            auth_audience=credentials.AUDIENCE,
+            run_id_secret=dev.run_id_secret,
+        )
         print(f"Temporal dev server  {temporal_address}  (web UI http://localhost:{ui_port})")
-        print(f"Redis                {redis_url}{'' if os.environ.get('REDIS_URL') else '  (embedded Valkey)'}")
+        shown = _without_password(redis_url)
+        print(f"Redis                {shown}{'' if os.environ.get('REDIS_URL') else '  (embedded Valkey)'}")
         if settings.openai_base_url or settings.openai_api_key:
             print(f"Model                {settings.openai_base_url or 'OpenAI'}")
         else:
@@ -210,7 +227,7 @@ async def run_dev(*, port: int, temporal_port: int, ui_port: int, demo_prompt: s
             asyncio.create_task(run_server(settings, port=port, host="127.0.0.1", stop=stop), name="server"),
         ]
         try:
-            demo = asyncio.create_task(_demo(f"127.0.0.1:{port}", demo_prompt, services))
+            demo = asyncio.create_task(_demo(f"127.0.0.1:{port}", demo_prompt, services, dev))
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait([demo, stopped], return_when=asyncio.FIRST_COMPLETED)
             for task in (demo, stopped):
@@ -228,14 +245,33 @@ async def run_dev(*, port: int, temporal_port: int, ui_port: int, demo_prompt: s
     print("Stopped.")
 
 
-async def _demo(address: str, prompt: str, services: list[asyncio.Task[None]]) -> None:
-    async with AgentRunClient(address) as client:
+async def _demo(address: str, prompt: str, services: list[asyncio.Task[None]], dev: credentials.DevCredentials) -> None:
+    async with AgentRunClient(address, token=dev.token) as client:
         async with asyncio.timeout(STARTUP_TIMEOUT_SECONDS):
             await wait_until_serving(client.channel, still_starting=lambda: _raise_if_any_ended(services))
-        print(f"AgentService         {address}  (gRPC, health and reflection)\n")
+        print(f"AgentService         {address}  (gRPC, health and reflection)")
+        print(
+            f"Authentication       on: the CLI here calls as {dev.subject!r} (tenant {credentials.TENANT!r}, every "
+            f"right) with a token from {_home_relative(dev.directory)}\n"
+        )
         print(f"demo> {prompt}")
         run_id = await client.start_run("assistant", prompt)
         await print_stream(client, run_id)
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be shown: a password in it (redis://:secret@host) is replaced by stars."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
+def _home_relative(path: Path) -> str:
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
 def _server_option(port: int) -> str:

@@ -50,6 +50,8 @@ class ApprovalPolicy:
     timeout_seconds: float = 300.0
     # What a passed deadline means: "deny" tells the model, "fail" ends the run.
     on_timeout: str = "deny"
+    # Who may decide this agent's approvals (authenticated subjects); empty: anyone with the right to decide.
+    approvers: tuple[str, ...] = ()
 
     def requires_approval(self, tool_name: str, *, flagged_by_tool: bool) -> bool:
         if self.policy == "require_all":
@@ -243,13 +245,14 @@ def _agent(name: str, spec: Any) -> AgentConfig:
             spec[key] = float(spec[key])
     spec["tools"] = tuple(_names(spec.get("tools", []), "tools"))
     spec["mcp_servers"] = _mcp_uses(spec.get("mcp_servers", {}))
-    spec["sub_agents"] = tuple(_names(spec.get("sub_agents", []), "sub_agents", "agent names"))
+    spec["sub_agents"] = tuple(_names(spec.get("sub_agents", []), "sub_agents", what="agent names"))
     approval = spec.get("approval", {})
     if not isinstance(approval, dict) or set(approval) - _APPROVAL_FIELDS:
         raise ValueError(f"'approval' must be a mapping of {sorted(_APPROVAL_FIELDS)}")
     approval = dict(approval)
     approval["allow"] = tuple(_names(approval.get("allow", []), "approval.allow"))
     approval["require"] = tuple(_names(approval.get("require", []), "approval.require"))
+    approval["approvers"] = tuple(_names(approval.get("approvers", []), "approval.approvers", what="subjects"))
     if "timeout_seconds" in approval:
         approval["timeout_seconds"] = float(approval["timeout_seconds"])
     spec["approval"] = ApprovalPolicy(**approval)
@@ -258,7 +261,7 @@ def _agent(name: str, spec: Any) -> AgentConfig:
     return agent
 
 
-def _names(value: Any, key: str, what: str = "tool names") -> list[str]:
+def _names(value: Any, key: str, *, what: str = "tool names") -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"'{key}' must be a list of {what}")
     return value

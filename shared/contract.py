@@ -33,6 +33,12 @@ MEMO_SUB_RUNS = "sub_runs"
 # When the run's first execution started; only runs that continued as new have it (Temporal's start time is then
 # the latest execution's).
 MEMO_STARTED = "started"
+# Set by the server when it starts the run: the tenant it belongs to ("" before tenants, or without
+# authentication), and who may decide its approvals (the agent's approval.approvers; empty: anyone with the right).
+MEMO_TENANT = "tenant"
+MEMO_APPROVERS = "approvers"
+# The Keyword search attribute that ListRuns filters a tenant's runs by; the Temporal namespace must have it.
+TENANT_SEARCH_ATTRIBUTE = "AgentrunTenant"
 
 # The approver recorded when an approval's deadline decides it.
 TIMEOUT_APPROVER = "agentrun:timeout"

@@ -63,6 +63,13 @@ return 1
 """
 
 
+def tenant_conversation(tenant: str, conversation_id: str) -> str:
+    """The id under which a tenant's conversation is kept: the same conversation id in two tenants is two
+    conversations. "/" never occurs in an id or a tenant, so no two pairs give one key. Without tenants (no
+    authentication) it is the conversation id itself, as before."""
+    return f"{tenant}/{conversation_id}" if tenant and conversation_id else conversation_id
+
+
 def _key(prefix: str, conversation_id: str, name: str) -> str:
     # The braces are a cluster hash tag: the scripts touch several keys of one conversation,
     # which must then live on one node.

@@ -225,20 +225,25 @@ async def stream_exists(client: redis.Redis, prefix: str, run_id: str) -> bool:
 
 @dataclass(frozen=True)
 class StartMark:
-    """What Redis keeps of a run's start: the trace it started in (a W3C ``traceparent``, or empty) and a digest of
-    the request that started it (empty when it had no request_id, or was marked before digests were kept)."""
+    """What Redis keeps of a run's start: the trace it started in (a W3C ``traceparent``, or empty), a digest of
+    the request that started it (empty when it had no request_id, or was marked before digests were kept), and
+    the tenant the run belongs to (empty without authentication, or when marked before tenants)."""
 
     traceparent: str = ""
     request_digest: str = ""
+    tenant: str = ""
 
     def encode(self) -> str:
-        return f"{self.request_digest}|{self.traceparent or _NO_TRACE}"
+        # "tenant|digest|traceparent"; tenants never hold "|". Marks of before tenants are "digest|traceparent".
+        head = f"{self.tenant}|{self.request_digest}" if self.tenant else self.request_digest
+        return f"{head}|{self.traceparent or _NO_TRACE}"
 
     @classmethod
     def decode(cls, value: Any) -> StartMark:
         text = value.decode() if isinstance(value, bytes) else str(value or "")
-        digest, _, traceparent = text.rpartition("|")  # a mark without "|" is only a trace
-        return cls("" if traceparent == _NO_TRACE else traceparent, digest)
+        head, _, traceparent = text.rpartition("|")  # a mark without "|" is only a trace
+        tenant, _, digest = head.rpartition("|")
+        return cls("" if traceparent == _NO_TRACE else traceparent, digest, tenant)
 
 
 async def mark_started(

@@ -6,12 +6,14 @@ import asyncio
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from temporalio.client import Client
+from temporalio.service import TLSConfig
 
 OFFLINE_API_KEY = "offline"
 
@@ -28,7 +30,7 @@ class Settings:
     redis_prefix: str = "agentrun:"
     agents_file: str = "agents.yaml"
     openai_base_url: str | None = None
-    openai_api_key: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)
     # How long a run's event stream stays in Redis after its last event.
     stream_ttl_seconds: int = 24 * 3600
     # Modules whose top-level tools the worker registers beside the built-ins.
@@ -39,6 +41,36 @@ class Settings:
     # (model and tool calls) are many; each holds one connection to the model endpoint while it runs.
     worker_activities: int = 1000
     worker_workflow_tasks: int = 200
+    # Who may call the server (agent_service/_auth.py). With neither a JWKS nor a client CA, the server
+    # authenticates no one and listens on loopback only, unless it is told --insecure.
+    # A JWKS file, or an http(s) URL, with the keys that sign the bearer tokens the server accepts.
+    auth_jwks: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    # The token claim that names the caller's tenant.
+    auth_tenant_claim: str = "tenant"
+    # Rights of client certificates by subject CN ("bot=runs:start runs:read; *=runs:read").
+    auth_client_rights: str = ""
+    # The server's TLS certificate chain and key (PEM files); with a client CA, every caller must present a
+    # certificate that the CA signed (mutual TLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Run ids made from a request_id are an HMAC of the tenant and the request_id under this secret, so nobody can
+    # work out another tenant's run ids. Every replica needs the same one; required with authentication.
+    run_id_secret: str | None = field(default=None, repr=False)
+    # Per principal, on each server process: open StreamRun calls, and StartRun calls per second with a burst.
+    limit_streams: int = 1000
+    limit_starts_per_second: float = 10.0
+    limit_start_burst: int = 50
+    # Temporal Cloud or a cluster with TLS: an API key, and TLS (on with any of these; TEMPORAL_TLS=true alone
+    # uses the system's CAs). The names are Temporal's own environment configuration's.
+    temporal_api_key: str | None = field(default=None, repr=False)
+    temporal_tls: bool = False
+    temporal_tls_ca: str | None = None
+    temporal_tls_cert: str | None = None
+    temporal_tls_key: str | None = None
+    temporal_tls_server_name: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -57,6 +89,24 @@ class Settings:
             "redis_outage_seconds": float(env.get("AGENTRUN_REDIS_OUTAGE_SECONDS", cls.redis_outage_seconds)),
             "worker_activities": int(env.get("AGENTRUN_WORKER_ACTIVITIES", cls.worker_activities)),
             "worker_workflow_tasks": int(env.get("AGENTRUN_WORKER_WORKFLOW_TASKS", cls.worker_workflow_tasks)),
+            "auth_jwks": env.get("AGENTRUN_AUTH_JWKS") or None,
+            "auth_issuer": env.get("AGENTRUN_AUTH_ISSUER") or None,
+            "auth_audience": env.get("AGENTRUN_AUTH_AUDIENCE") or None,
+            "auth_tenant_claim": env.get("AGENTRUN_AUTH_TENANT_CLAIM") or cls.auth_tenant_claim,
+            "auth_client_rights": env.get("AGENTRUN_AUTH_CLIENT_RIGHTS", cls.auth_client_rights),
+            "tls_cert": env.get("AGENTRUN_TLS_CERT") or None,
+            "tls_key": env.get("AGENTRUN_TLS_KEY") or None,
+            "tls_client_ca": env.get("AGENTRUN_TLS_CLIENT_CA") or None,
+            "run_id_secret": env.get("AGENTRUN_RUN_ID_SECRET") or None,
+            "limit_streams": int(env.get("AGENTRUN_LIMIT_STREAMS", cls.limit_streams)),
+            "limit_starts_per_second": float(env.get("AGENTRUN_LIMIT_STARTS_PER_SECOND", cls.limit_starts_per_second)),
+            "limit_start_burst": int(env.get("AGENTRUN_LIMIT_START_BURST", cls.limit_start_burst)),
+            "temporal_api_key": env.get("TEMPORAL_API_KEY") or None,
+            "temporal_tls": env.get("TEMPORAL_TLS", "").lower() in ("1", "true", "yes"),
+            "temporal_tls_ca": env.get("TEMPORAL_TLS_SERVER_CA_CERT_PATH") or None,
+            "temporal_tls_cert": env.get("TEMPORAL_TLS_CLIENT_CERT_PATH") or None,
+            "temporal_tls_key": env.get("TEMPORAL_TLS_CLIENT_KEY_PATH") or None,
+            "temporal_tls_server_name": env.get("TEMPORAL_TLS_SERVER_NAME") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -75,12 +125,27 @@ async def connect_temporal(settings: Settings) -> Client:
         interceptors.append(TracingInterceptor())
     try:
         return await Client.connect(
-            settings.temporal_address, namespace=settings.temporal_namespace, interceptors=interceptors
+            settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            interceptors=interceptors,
+            api_key=settings.temporal_api_key,
+            tls=_temporal_tls(settings),
         )
     except RuntimeError as err:  # the SDK's error for a server that does not answer
         raise ConnectionError(
             f"cannot connect to Temporal at {settings.temporal_address} (TEMPORAL_ADDRESS): {err}"
         ) from None
+
+
+def _temporal_tls(settings: Settings) -> TLSConfig | bool:
+    """TLS to Temporal: on when asked for, when any TLS file is given, and with an API key (Temporal Cloud)."""
+    files = (settings.temporal_tls_ca, settings.temporal_tls_cert, settings.temporal_tls_key)
+    if not any(files) and not settings.temporal_tls_server_name:
+        return settings.temporal_tls or settings.temporal_api_key is not None
+    ca, cert, key = (Path(path).read_bytes() if path else None for path in files)
+    return TLSConfig(
+        server_root_ca_cert=ca, client_cert=cert, client_private_key=key, domain=settings.temporal_tls_server_name
+    )
 
 
 # Connections a process opens to Redis at most; more callers wait for a free one instead of failing.

@@ -4,6 +4,7 @@ and for each test its own task queue, Redis key prefix, worker and gRPC server."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import openai
 import pytest
 import redis.asyncio as redis
 from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -23,7 +25,9 @@ from agent_service.server import serve, shutdown
 from agentrun.client import AgentRunClient
 from devstack.stack import TEMPORAL_FAST_DISPATCH, redis_server, temporal_executable
 from shared.agents import load_agents
+from shared.contract import TENANT_SEARCH_ATTRIBUTE
 from shared.settings import Settings
+from tests.credentials import AUDIENCE, ISSUER, Issuer
 from worker import offline_model
 from worker.tools import ToolRegistry
 from worker.worker import build_worker
@@ -40,7 +44,10 @@ def details(err: grpc.aio.AioRpcError) -> str:
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_executable(), dev_server_extra_args=TEMPORAL_FAST_DISPATCH
+        dev_server_existing_path=temporal_executable(),
+        dev_server_extra_args=TEMPORAL_FAST_DISPATCH,
+        # As the dev stack registers it: ListRuns filters a tenant's runs by it.
+        search_attributes=[SearchAttributeKey.for_keyword(TENANT_SEARCH_ATTRIBUTE)],
     )
     yield env
     await env.shutdown()
@@ -151,3 +158,49 @@ async def stack(
             yield stack
         await shutdown(server, grace=0)
         await stack.stop()
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> Issuer:
+    return Issuer(tmp_path / "jwks.json")
+
+
+def with_auth(settings: Settings, issuer: Issuer, **overrides: Any) -> Settings:
+    """The settings of a server that takes the issuer's tokens."""
+    values: dict[str, Any] = dict(
+        auth_jwks=str(issuer.jwks_file),
+        auth_issuer=ISSUER,
+        auth_audience=AUDIENCE,
+        run_id_secret=f"secret-{uuid.uuid4().hex}",
+    )
+    return replace(settings, **(values | overrides))
+
+
+@contextlib.asynccontextmanager
+async def server_for(stack: Stack, settings: Settings, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Another server beside the stack's, on its worker's task queue and Redis prefix, with ``settings``; yields
+    its address."""
+    server, port = await serve(settings, port=0, host=host, temporal=stack.temporal, redis_client=stack.redis)
+    try:
+        yield f"{host}:{port}"
+    finally:
+        await shutdown(server, grace=0)
+
+
+@dataclass
+class AuthStack:
+    """A server that authenticates with the issuer's tokens, beside the stack's (which authenticates no one)."""
+
+    stack: Stack
+    issuer: Issuer
+    address: str
+
+    def client(self, token: str | None) -> AgentRunClient:
+        """A client sending ``token``; it gives up at once on UNAVAILABLE, so that a refusal shows."""
+        return AgentRunClient(self.address, token=token, retry_budget_seconds=0)
+
+
+@pytest.fixture
+async def auth_stack(stack: Stack, issuer: Issuer) -> AsyncIterator[AuthStack]:
+    async with server_for(stack, with_auth(stack.settings, issuer)) as address:
+        yield AuthStack(stack, issuer, address)

@@ -57,13 +57,13 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def replicas(settings: Settings, count: int) -> AsyncIterator[list[Replica]]:
-    """Server processes with the same settings, each on a port of its own."""
+async def replicas(settings: Settings, count: int, **env: str) -> AsyncIterator[list[Replica]]:
+    """Server processes with the same settings (and ``env`` besides), each on a port of its own."""
     started: list[Replica] = []
     try:
         for _ in range(count):
             port = free_port()
-            process = await spawn("server", "--port", str(port), env=service_env(settings))
+            process = await spawn("server", "--port", str(port), env=service_env(settings, **env))
             started.append(Replica(f"127.0.0.1:{port}", process))
         for replica in started:
             async with grpc.aio.insecure_channel(replica.address) as channel, asyncio.timeout(30):

@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         DECIDE_APPROVAL_UPDATE,
         MEMO_AGENT,
         MEMO_APPROVALS,
+        MEMO_APPROVERS,
         MEMO_LAST_SEQUENCE,
         MEMO_STARTED,
         MEMO_SUB_AGENT_USAGE,
@@ -540,7 +541,8 @@ class AgentRunWorkflow:
                 task_queue=sub.task_queue or tree.task_queue,
                 cancellation_type=workflow.ChildWorkflowCancellationType.TRY_CANCEL,
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
-                memo={MEMO_AGENT: sub.name},
+                # Who may decide the sub-agent's approvals: the server checks it where it checks a root run's.
+                memo={MEMO_AGENT: sub.name, MEMO_APPROVERS: list(sub.approval.approvers)},
             )
         except ChildWorkflowError as err:
             self._last_sequence = max(self._last_sequence, _published_floor(err))

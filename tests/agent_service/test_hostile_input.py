@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent_service.server import MAX_INPUT_BYTES
 from agentrun.v1 import agent_service_pb2 as pb
 from tests.agent_service.test_runs import collect
-from tests.conftest import Stack, details
+from tests.conftest import AuthStack, Stack, details
 
 SERVICE = "/agentrun.v1.AgentService/"
 UNARY = ["StartRun", "GetRun", "ListRuns", "CancelRun", "Approve", "ListAgents"]
@@ -49,18 +49,21 @@ async def channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
         yield opened
 
 
-async def raw_call(channel: grpc.aio.Channel, method: str, body: bytes) -> tuple[grpc.StatusCode, str, float]:
+async def raw_call(
+    channel: grpc.aio.Channel, method: str, body: bytes, token: str | None = None
+) -> tuple[grpc.StatusCode, str, float]:
     """Sends ``body`` as the request of ``method``, as any client could, and returns the status and the time taken."""
     started = time.monotonic()
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
     try:
         # No serializers: the bytes go out as they are, and the replies come back as bytes.
         if method == "StreamRun":
             stream = cast("grpc.aio.UnaryStreamMultiCallable[bytes, bytes]", channel.unary_stream(SERVICE + method))
-            async for _ in stream(body, timeout=10):
+            async for _ in stream(body, timeout=10, metadata=metadata):
                 pass
         else:
             unary = cast("grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]", channel.unary_unary(SERVICE + method))
-            await unary(body, timeout=10)
+            await unary(body, timeout=10, metadata=metadata)
     except grpc.aio.AioRpcError as err:
         return err.code(), details(err), time.monotonic() - started
     return grpc.StatusCode.OK, "", time.monotonic() - started
@@ -169,4 +172,43 @@ async def test_fuzzed_bytes_never_get_unknown_or_internal(
 
     assert code in EXPECTED_CODES | {grpc.StatusCode.OK}, (code, message)
     assert code == grpc.StatusCode.OK or took < PROMPT_SECONDS
+    no_tracebacks(server_log)
+
+
+@pytest.fixture
+async def auth_channel(auth_stack: AuthStack) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(auth_stack.address) as opened:
+        yield opened
+
+
+# Printable ASCII: what gRPC lets a client put in a metadata value at all.
+_TOKENS = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+async def test_fuzzed_requests_and_tokens_to_an_authenticated_server_never_get_unknown_or_internal(
+    auth_stack: AuthStack, auth_channel: grpc.aio.Channel, server_log: pytest.LogCaptureFixture, data: st.DataObject
+) -> None:
+    method = data.draw(st.sampled_from(sorted(REQUEST_TYPES)), label="method")
+    request = data.draw(fuzzed(REQUEST_TYPES[method]), label="request")
+    if method == "StartRun" and request.agent == "assistant" and request.input.strip():  # type: ignore[attr-defined]
+        request.input = "fuzz"  # type: ignore[attr-defined]
+    valid = auth_stack.issuer.token()
+    signed = valid.rindex(".")  # the header and claims, which the signature covers character by character
+    # A valid token, or a forged one: garbage, the valid one cut short, or with a signed character changed.
+    token = data.draw(
+        st.just(valid)
+        | _TOKENS
+        | st.integers(1, len(valid) - 1).map(lambda end: valid[:end])
+        | st.integers(0, signed - 1).map(lambda at: valid[:at] + ("B" if valid[at] == "A" else "A") + valid[at + 1 :]),
+        label="token",
+    )
+
+    code, message, took = await raw_call(auth_channel, method, request.SerializeToString(), token)
+
+    assert code in EXPECTED_CODES | {grpc.StatusCode.OK}, (code, message)
+    assert token == valid or code == grpc.StatusCode.UNAUTHENTICATED or token.strip() == valid, (code, message)
+    assert code == grpc.StatusCode.OK or took < PROMPT_SECONDS
+    assert len(token) < 16 or token.strip() not in message  # never echoed
     no_tracebacks(server_log)

@@ -8,6 +8,7 @@ import pty
 import re
 import sys
 from asyncio.subprocess import PIPE
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,8 @@ from agentrun.cli import command
 from agentrun.v1 import agent_service_pb2 as pb
 from devstack.stack import free_port
 from shared.agents import load_agents
-from tests.conftest import AGENTS_FILE, Stack
+from tests.conftest import AGENTS_FILE, Stack, server_for, with_auth
+from tests.credentials import CertificateAuthority, Issuer
 
 ECHO_HI = {"tool_calls": [{"name": "echo", "arguments": {"text": "hi"}}]}
 CLI_TIMEOUT = 60
@@ -458,3 +460,48 @@ async def test_run_and_get_mark_what_sub_agents_did(stack: Stack) -> None:
         f"  planner             {planner.prompt_tokens} prompt + {planner.completion_tokens} completion tokens\n"
         f"  planner/researcher  {researcher.prompt_tokens} prompt + {researcher.completion_tokens} completion tokens\n"
     ) in out
+
+
+async def test_the_cli_calls_a_tls_server_with_a_token_or_a_client_certificate(
+    stack: Stack, issuer: Issuer, tmp_path: Path
+) -> None:
+    ca = CertificateAuthority(tmp_path)
+    server_cert, client_cert = ca.issue("localhost", dns="localhost"), ca.issue("ops-bot", "acme")
+    settings = with_auth(
+        stack.settings,
+        issuer,
+        tls_cert=str(server_cert.cert_file),
+        tls_key=str(server_cert.key_file),
+        tls_client_ca=str(ca.cert_file),
+        auth_client_rights="ops-bot=runs:read",
+    )
+    async with server_for(stack, settings) as address:
+        server = address.replace("127.0.0.1", "localhost")
+        tls = {"AGENTRUN_TLS_CA": str(ca.cert_file)}
+        mutual = tls | {"AGENTRUN_TLS_CLIENT_CERT": str(client_cert.cert_file)}
+        mutual |= {"AGENTRUN_TLS_CLIENT_KEY": str(client_cert.key_file)}
+
+        async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+            process = await asyncio.create_subprocess_exec(
+                *CLI, *args, "--server", server, "--retry-seconds", "0", stdout=PIPE, stderr=PIPE,
+                env={**os.environ, **env},
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+            assert process.returncode is not None
+            return process.returncode, out.decode(), err.decode()
+
+        code, out, err = await cli(mutual, "agents")
+        assert (code, err) == (0, ""), err
+        assert out.startswith("assistant  Test assistant.\n")
+
+        # The certificate may read; a token sent beside it may start runs as well.
+        code, _, err = await cli(mutual, "run", "assistant", "hi")
+        assert code == 2
+        assert err == "error: PERMISSION_DENIED: 'ops-bot' may not call StartRun: it needs the right 'runs:start'\n"
+        code, out, err = await cli(mutual | {"AGENTRUN_TOKEN": issuer.token()}, "run", "assistant", "hi")
+        assert code == 0, err
+        assert "You said: hi" in out
+
+        code, _, err = await cli({"AGENTRUN_TLS_CLIENT_CERT": str(client_cert.cert_file)}, "agents")
+        assert code == 2
+        assert err == "error: AGENTRUN_TLS_*: a client certificate needs its key, and a key its certificate\n"

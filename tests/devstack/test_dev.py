@@ -20,6 +20,8 @@ import pytest
 from devstack.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# Who the dev stack's token names: the user who started it.
+DEV_SUBJECT = os.environ.get("USER") or "cli"
 CLI = (sys.executable, "-m", "agentrun.cli")
 STARTUP_SECONDS = 120
 # The venv's scripts are not on PATH after `make dev`: the printed commands must work without them.
@@ -152,13 +154,29 @@ async def test_the_approval_hints_print_commands_that_work(dev: Dev) -> None:
     approve = re.search(r"  approve: (.+)\n", shown.decode())
     assert approve, shown
 
-    code, out, err = await shell(f"{approve.group(1)} --approver ada")
+    # The dev server authenticates: the approver is the subject of the dev token, whatever --approver says.
+    code, out, err = await shell(f"{approve.group(1)} --approver mallory")
 
     assert (code, err) == (0, ""), out
-    assert out == "✓ approved by ada\n"
+    assert out == f"✓ approved by {DEV_SUBJECT}\n"
     rest, _ = await asyncio.wait_for(runner.communicate(), 60)
     assert runner.returncode == 0
-    assert "✓ approved by ada\n← 84\n" in rest.decode()
+    assert f"✓ approved by {DEV_SUBJECT}\n← 84\n" in rest.decode()
+
+
+async def test_dev_authenticates_callers_and_the_cli_uses_its_token_by_itself(dev: Dev) -> None:
+    output = await dev.read_until("(Ctrl-C stops)")
+    assert f"Authentication       on: the CLI here calls as {DEV_SUBJECT!r} (tenant 'dev', every right)" in output
+
+    # AGENTRUN_TOKEN goes before the dev token: a bad one is refused, and the CLI says what to do.
+    env = {**os.environ, "PATH": PATH_WITHOUT_VENV, "AGENTRUN_TOKEN": "not-a-token"}
+    refused = await asyncio.create_subprocess_exec(
+        *CLI, "list", "--server", dev.address, cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(refused.communicate(), 60)
+    assert refused.returncode == 2
+    assert err.decode().startswith("error: UNAUTHENTICATED: the token is malformed (not a signed JWT)\n")
+    assert "set AGENTRUN_TOKEN to a token it accepts" in err.decode()
 
 
 async def test_a_second_dev_stack_on_the_same_ports_is_refused_naming_the_port_and_its_holder(
@@ -224,3 +242,18 @@ async def test_ctrl_c_ends_client_streams_with_shutting_down_and_stops_everythin
     # Temporal, Valkey and everything else it started are gone with it.
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+async def test_a_server_without_authentication_refuses_a_public_address_unless_insecure() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")}
+    port = str(free_port())
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "server", "--host", "0.0.0.0", "--port", port, cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == 1
+    assert err.decode().startswith(
+        "agentrun server: refusing to listen on 0.0.0.0 without authentication: set AGENTRUN_AUTH_JWKS"
+    )
+    assert "or pass --insecure" in err.decode() and "Traceback" not in err.decode()

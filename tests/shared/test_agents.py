@@ -28,6 +28,7 @@ def test_the_shipped_file_defines_the_assistant() -> None:
         ("agents: [", "not valid YAML"),
         ("agents:\n  a: {model: m, continue_as_new_after_events: 0}", "continue_as_new_after_events must be"),
         ("agents:\n  a: {model: m, continue_as_new_after_bytes: 1.5}", "continue_as_new_after_bytes must be"),
+        ("agents:\n  a: {model: m, approval: {approvers: ada}}", "'approval.approvers' must be a list of subjects"),
     ],
 )
 def test_malformed_files_are_reported(tmp_path: Path, text: str, problem: str) -> None:
@@ -102,3 +103,9 @@ agents:
 def test_bad_sub_agents_are_rejected_when_the_file_loads(tmp_path: Path, text: str, problem: str) -> None:
     with pytest.raises(AgentConfigError, match=re.escape(problem)):
         load_agents(write(tmp_path, text))
+
+
+def test_approvers_restrict_an_agents_approvals(tmp_path: Path) -> None:
+    path = tmp_path / "agents.yaml"
+    path.write_text("agents:\n  a: {model: m, approval: {policy: require_all, approvers: [ada, grace]}}")
+    assert load_agents(path)["a"].approval.approvers == ("ada", "grace")

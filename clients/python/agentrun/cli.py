@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agentrun.client import AgentRunClient
+from agentrun.client import AgentRunClient, tls_credentials
 from agentrun.v1 import agent_service_pb2 as pb
 
 DEFAULT_SERVER = os.environ.get("AGENTRUN_SERVER", "127.0.0.1:50051")
@@ -52,6 +52,37 @@ def command() -> str:
 
 def default_approver() -> str:
     return os.environ.get("USER") or "cli"
+
+
+def dev_directory(server: str) -> Path:
+    """Where ``agentrun dev`` keeps what its server at ``server`` trusts and the token it makes for this user's
+    CLI: one folder per address, so that dev stacks on other ports keep theirs."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "agentrun" / "dev" / server.replace(":", "-").replace("/", "-")
+
+
+def _token(server: str) -> str | None:
+    """AGENTRUN_TOKEN; else, for the address of a running ``agentrun dev``, the token it made for this user."""
+    token = os.environ.get("AGENTRUN_TOKEN", "").strip()
+    if token:
+        return token
+    try:
+        return (dev_directory(server) / "token").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _credentials() -> grpc.ChannelCredentials | None:
+    """TLS to the server when asked for: AGENTRUN_TLS=true (the system's CAs), AGENTRUN_TLS_CA (a PEM file), and
+    for mutual TLS AGENTRUN_TLS_CLIENT_CERT and AGENTRUN_TLS_CLIENT_KEY."""
+    ca, cert, key = (os.environ.get(f"AGENTRUN_TLS_{name}") or None for name in ("CA", "CLIENT_CERT", "CLIENT_KEY"))
+    if not (ca or cert or key or os.environ.get("AGENTRUN_TLS", "").lower() in ("1", "true", "yes")):
+        return None
+    try:
+        return tls_credentials(ca_file=ca, cert_file=cert, key_file=key)
+    except (OSError, ValueError) as err:  # a file that cannot be read, or a certificate without its key
+        print(f"error: AGENTRUN_TLS_*: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 class _Output:
@@ -438,7 +469,13 @@ async def _client_command(args: argparse.Namespace) -> int:
             out.line(f"! {cause}{_hint(err, args.server)}", file=sys.stderr)
             out.line(f"  retrying for up to {args.retry_seconds:g} s (Ctrl-C stops)", file=sys.stderr)
 
-    async with AgentRunClient(args.server, retry_budget_seconds=args.retry_seconds, on_retry=notice) as client:
+    async with AgentRunClient(
+        args.server,
+        retry_budget_seconds=args.retry_seconds,
+        on_retry=notice,
+        token=_token(args.server),
+        credentials=_credentials(),
+    ) as client:
         if args.command == "run":
             run_id = await client.start_run(
                 args.agent, args.prompt, conversation_id=args.conversation or "", request_id=args.request_id or ""
@@ -502,7 +539,12 @@ _NOTICES: set[str] = set()
 
 
 def _hint(err: grpc.aio.AioRpcError, server: str) -> str:
-    """For a server that cannot be reached, what to do about it; once per process."""
+    """For a server that cannot be reached, or that wants credentials, what to do about it; once per process."""
+    if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            "\n  the server authenticates its callers: set AGENTRUN_TOKEN to a token it accepts (the CLI finds the "
+            "token of a local `agentrun dev` by itself), or give a client certificate (AGENTRUN_TLS_CLIENT_CERT)"
+        )
     if err.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in (err.details() or ""):
         return ""
     if "hint" in _NOTICES:
@@ -548,7 +590,12 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     def approver_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--approver", default=default_approver(), help="who decides approvals (default: $USER)")
+        sub.add_argument(
+            "--approver",
+            default=default_approver(),
+            help="who decides approvals, on a server that authenticates no one (default: $USER); a server that "
+            "authenticates records the token's subject instead",
+        )
 
     def streaming_command(name: str, help: str) -> argparse.ArgumentParser:
         sub = client_command(name, help)

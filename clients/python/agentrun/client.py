@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -16,7 +16,8 @@ from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 
 TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
-# Until the server authenticates callers, Approve takes the approver's identity from this metadata key.
+# A server without authentication (loopback dev) takes Approve's approver from this metadata key; one that
+# authenticates records the caller's own identity and ignores it.
 APPROVER_METADATA = "x-agentrun-approver"
 RETRY_BUDGET_SECONDS = 60.0
 
@@ -40,6 +41,50 @@ _CHANNEL_OPTIONS = [
 ]
 
 _T = TypeVar("_T")
+
+
+class _BearerToken:
+    """Sends ``authorization: Bearer <token>`` with every call; ``token`` may be a function, called for every
+    call, so that a program can hand over a token it refreshes."""
+
+    def __init__(self, token: str | Callable[[], str]) -> None:
+        self._token = token
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        token = self._token() if callable(self._token) else self._token
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("authorization", f"Bearer {token}")
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# gRPC files an interceptor under the first kind of call it implements: each kind needs an object of its own.
+class _UnaryToken(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _StreamToken(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
+def tls_credentials(
+    *, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS to the server: trusting ``ca_file`` (PEM; the system's CAs when None), and presenting the client
+    certificate in ``cert_file`` with its key in ``key_file`` to a server that requires one (mutual TLS)."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 class RunEndedError(Exception):
@@ -102,6 +147,11 @@ class AgentRunClient:
     server (``opentelemetry.instrumentation.grpc.aio_client_interceptors()``, from the
     ``opentelemetry-instrumentation-grpc`` package; the client itself needs no OpenTelemetry).
     ``on_retry`` is called with each error that is retried, before the wait, so that a program can tell its user.
+
+    ``token`` (a string, or a function that returns the current one) goes with every call as
+    ``authorization: Bearer <token>``; ``credentials`` makes the channels TLS (see ``tls_credentials``). A token
+    over a plaintext channel is seen by anyone on the way: outside loopback, use TLS. Both apply to the channels
+    the client opens; a ``channel`` given brings its own.
     """
 
     def __init__(
@@ -112,8 +162,11 @@ class AgentRunClient:
         retry_budget_seconds: float = RETRY_BUDGET_SECONDS,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         on_retry: Callable[[grpc.aio.AioRpcError], None] | None = None,
+        token: str | Callable[[], str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._interceptors = list(interceptors)
+        self._interceptors = list(interceptors) + ([_UnaryToken(token), _StreamToken(token)] if token else [])
+        self._credentials = credentials
         self.on_retry = on_retry
         self.targets: tuple[str, ...] = () if channel is not None else _addresses(target)
         self.retry_budget_seconds = retry_budget_seconds
@@ -220,18 +273,20 @@ class AgentRunClient:
         decision: pb.ApprovalDecision.ValueType,
         *,
         reason: str = "",
-        approver: str,
+        approver: str = "",
         arguments_sha256: str = "",
     ) -> pb.ApproveResponse:
-        """Answers a pending approval as ``approver`` and returns the decision the run recorded.
+        """Answers a pending approval and returns the decision the run recorded.
 
+        A server that authenticates records the caller (the token's or certificate's subject) as the approver;
+        ``approver`` is the name a server without authentication records instead.
         Pass the request's ``arguments_sha256`` to make sure the decision applies to exactly the arguments shown.
         A retry is safe: deciding again with the same decision is answered with the recorded one.
         """
         request = pb.ApproveRequest(
             run_id=run_id, approval_id=approval_id, decision=decision, reason=reason, arguments_sha256=arguments_sha256
         )
-        metadata = ((APPROVER_METADATA, approver),)
+        metadata = ((APPROVER_METADATA, approver),) if approver else ()
         return await self._call(lambda stub: stub.Approve(request, metadata=metadata))
 
     async def _call(self, call: Callable[[pb_grpc.AgentServiceAsyncStub], Awaitable[_T]]) -> _T:
@@ -260,9 +315,15 @@ class AgentRunClient:
 
     def _channel(self, index: int) -> grpc.aio.Channel:
         if index not in self._channels:
-            self._channels[index] = grpc.aio.insecure_channel(
-                self.targets[index], options=_CHANNEL_OPTIONS, interceptors=self._interceptors or None
-            )
+            interceptors = self._interceptors or None
+            if self._credentials is not None:
+                self._channels[index] = grpc.aio.secure_channel(
+                    self.targets[index], self._credentials, options=_CHANNEL_OPTIONS, interceptors=interceptors
+                )
+            else:
+                self._channels[index] = grpc.aio.insecure_channel(
+                    self.targets[index], options=_CHANNEL_OPTIONS, interceptors=interceptors
+                )
         return self._channels[index]
 
     def _stub(self, index: int) -> pb_grpc.AgentServiceAsyncStub:

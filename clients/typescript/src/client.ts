@@ -5,7 +5,14 @@ import { randomUUID } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 
 import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
+import {
+  Code,
+  ConnectError,
+  createClient,
+  type Client,
+  type Interceptor,
+  type Transport,
+} from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
 import {
@@ -20,7 +27,10 @@ import {
   RunEventSchema,
 } from "./gen/agentrun/v1/agent_service_pb.js";
 
-/** Until the server authenticates callers, Approve takes the approver's identity from this metadata key. */
+/**
+ * A server without authentication (loopback dev) takes Approve's approver from this metadata key; one that
+ * authenticates records the caller's own identity and ignores it.
+ */
 export const APPROVER_METADATA = "x-agentrun-approver";
 export const RETRY_BUDGET_MS = 60_000;
 
@@ -69,6 +79,14 @@ export interface AgentRunClientOptions {
   retryBudgetMs?: number;
   /** Transports to use instead of plain-text HTTP/2 to each address (for TLS, say); they are not closed by close(). */
   transports?: Transport[];
+  /**
+   * A bearer token sent with every call as `authorization: Bearer <token>`, or a function that returns the current
+   * one (called for every call, so that a program can hand over a token it refreshes). Only for the transports the
+   * client makes; given `transports` bring their own interceptors. Outside loopback, use TLS.
+   */
+  token?: string | (() => string);
+  /** `https` makes the client's own transports use TLS (Node's CAs, or NODE_EXTRA_CA_CERTS); `http` by default. */
+  scheme?: "http" | "https";
 }
 
 const FIRST_BACKOFF_MS = 100;
@@ -152,11 +170,21 @@ export class AgentRunClient {
     let transports = options.transports;
     if (transports === undefined) {
       this.targets = addresses(target);
+      const token = options.token;
+      const interceptors: Interceptor[] =
+        token === undefined
+          ? []
+          : [
+              (next) => async (request) => {
+                request.header.set("authorization", `Bearer ${typeof token === "function" ? token() : token}`);
+                return await next(request);
+              },
+            ];
       transports = this.targets.map((address) => {
-        const baseUrl = `http://${address}`;
+        const baseUrl = `${options.scheme ?? "http"}://${address}`;
         const sessionManager = new Http2SessionManager(baseUrl, SESSION_OPTIONS);
         this.sessions.push(sessionManager);
-        return createGrpcTransport({ baseUrl, sessionManager });
+        return createGrpcTransport({ baseUrl, sessionManager, interceptors });
       });
     } else {
       this.targets = transports.map((_, index) => `transport ${index}`);
@@ -284,7 +312,10 @@ export class AgentRunClient {
   }
 
   /**
-   * Answers a pending approval as `approver` and returns the decision the run recorded.
+   * Answers a pending approval and returns the decision the run recorded.
+   *
+   * A server that authenticates records the caller (the token's subject) as the approver; `approver` is the name a
+   * server without authentication records instead.
    *
    * Pass the request's `argumentsSha256` to make sure the decision applies to exactly the arguments shown. A retry
    * is safe: deciding again with the same decision is answered with the recorded one.
@@ -293,7 +324,7 @@ export class AgentRunClient {
     runId: string,
     approvalId: string,
     decision: ApprovalDecision,
-    options: { approver: string; reason?: string; argumentsSha256?: string },
+    options: { approver?: string; reason?: string; argumentsSha256?: string } = {},
   ): Promise<ApproveResponse> {
     const request = create(ApproveRequestSchema, {
       runId,
@@ -302,7 +333,7 @@ export class AgentRunClient {
       reason: options.reason ?? "",
       argumentsSha256: options.argumentsSha256 ?? "",
     });
-    const headers = { [APPROVER_METADATA]: options.approver };
+    const headers: Record<string, string> = options.approver ? { [APPROVER_METADATA]: options.approver } : {};
     return await this.call((client) => client.approve(request, { headers }));
   }
 

@@ -18,6 +18,8 @@ export interface Stack {
   workerPids: number[];
   modelUrl: string;
   python: string;
+  /** With `auth`, tokens the servers take: "ada" (tenant acme, every right), "reader" (acme, runs:read), "eve". */
+  tokens: Record<string, string>;
   stop(): Promise<void>;
 }
 
@@ -33,12 +35,13 @@ function python(): string {
 }
 
 /** Starts the stack; what its processes log goes to dist/test-logs/<name>.log. */
-export async function startStack(name: string, replicas = 1): Promise<Stack> {
+export async function startStack(name: string, replicas = 1, auth = false): Promise<Stack> {
   const logs = join(REPO_ROOT, "clients", "typescript", "dist", "test-logs");
   mkdirSync(logs, { recursive: true });
   const logFile = join(logs, `${name}.log`);
   const log = openSync(logFile, "w");
-  const child = spawn(python(), ["-m", "tests.node_stack", "--replicas", String(replicas)], {
+  const args = ["-m", "tests.node_stack", "--replicas", String(replicas), ...(auth ? ["--auth"] : [])];
+  const child = spawn(python(), args, {
     cwd: REPO_ROOT,
     stdio: ["pipe", "pipe", log],
   });
@@ -50,6 +53,7 @@ export async function startStack(name: string, replicas = 1): Promise<Stack> {
     workerPids: ready.worker_pids,
     modelUrl: ready.model_url,
     python: ready.python,
+    tokens: ready.tokens,
     async stop() {
       child.stdin?.end();
       await exited;
@@ -63,6 +67,7 @@ interface Ready {
   worker_pids: number[];
   model_url: string;
   python: string;
+  tokens: Record<string, string>;
 }
 
 async function firstJsonLine(child: ChildProcess, logFile: string): Promise<Ready> {

@@ -44,7 +44,22 @@ class AgentServiceStub:
     call before any handler saw it (a burst of more than 20,000 calls waiting
     to be taken up). Retry, as for UNAVAILABLE.
     - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
-    larger than 4 MiB, the limit in both directions.
+    larger than 4 MiB, the limit in both directions, or the caller is past
+    one of its limits on this server (open StreamRun calls, StartRun calls per
+    second): the message says when to retry, and so does a
+    google.rpc.RetryInfo detail.
+    - UNAUTHENTICATED: a server that authenticates its callers got no
+    credentials, or ones it does not accept; the message says what is wrong
+    (expired, wrong audience, bad signature, a missing claim). Credentials are
+    "authorization: Bearer <JWT>" metadata or a client certificate.
+    - PERMISSION_DENIED: the caller lacks the right the call needs, named in the
+    message: "runs:start" (StartRun), "runs:read" (StreamRun, GetRun,
+    ListRuns, ListAgents), "runs:cancel" (CancelRun), "approvals:decide"
+    (Approve).
+
+    Runs belong to the caller's tenant: another tenant's run is NOT_FOUND, with
+    the message of a run that does not exist, and request_ids and
+    conversation_ids are the tenant's own.
     - INTERNAL: a fault of the server; the message carries an incident id that
     the server's log explains. No call answers UNKNOWN.
 
@@ -116,7 +131,22 @@ class AgentServiceServicer:
     call before any handler saw it (a burst of more than 20,000 calls waiting
     to be taken up). Retry, as for UNAVAILABLE.
     - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
-    larger than 4 MiB, the limit in both directions.
+    larger than 4 MiB, the limit in both directions, or the caller is past
+    one of its limits on this server (open StreamRun calls, StartRun calls per
+    second): the message says when to retry, and so does a
+    google.rpc.RetryInfo detail.
+    - UNAUTHENTICATED: a server that authenticates its callers got no
+    credentials, or ones it does not accept; the message says what is wrong
+    (expired, wrong audience, bad signature, a missing claim). Credentials are
+    "authorization: Bearer <JWT>" metadata or a client certificate.
+    - PERMISSION_DENIED: the caller lacks the right the call needs, named in the
+    message: "runs:start" (StartRun), "runs:read" (StreamRun, GetRun,
+    ListRuns, ListAgents), "runs:cancel" (CancelRun), "approvals:decide"
+    (Approve).
+
+    Runs belong to the caller's tenant: another tenant's run is NOT_FOUND, with
+    the message of a run that does not exist, and request_ids and
+    conversation_ids are the tenant's own.
     - INTERNAL: a fault of the server; the message carries an incident id that
     the server's log explains. No call answers UNKNOWN.
 
@@ -164,15 +194,19 @@ class AgentServiceServicer:
 
     def Approve(self, request, context):
         """Approve answers an approval request of a run, or of a sub-agent's run
-        below it (answered through the root run's id). The approver is read from
-        the request metadata "x-agentrun-approver" (at most 128 characters) and
-        recorded with the decision. Sending the same decision again, even after
-        the run has ended, answers with the decision recorded.
+        below it (answered through the root run's id). The approver recorded with
+        the decision is the caller's authenticated subject. A server that
+        authenticates no one (loopback development) reads it from the request
+        metadata "x-agentrun-approver" (at most 128 characters, never starting
+        with "agentrun:") instead. Sending the same decision again, even after the
+        run has ended, answers with the decision recorded.
 
         INVALID_ARGUMENT for an unspecified decision, a reason longer than 2000
         characters, an arguments_sha256 that is not 64 lowercase hexadecimal
-        digits, or an approver longer than 128 characters. UNAUTHENTICATED when the
-        "x-agentrun-approver" metadata is missing or blank. NOT_FOUND for an
+        digits, or an "x-agentrun-approver" that breaks its rules.
+        UNAUTHENTICATED, without authentication, when the "x-agentrun-approver"
+        metadata is missing or blank. PERMISSION_DENIED when the run's agent names
+        its approvers and the caller is not one of them. NOT_FOUND for an
         unknown run or approval. FAILED_PRECONDITION when the approval was already
         decided otherwise, the arguments_sha256 differs from the request's, or the
         run ended before a decision. UNAVAILABLE when no worker took the decision
@@ -206,7 +240,7 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """ListRuns pages through recent runs, newest first.
+        """ListRuns pages through the caller's tenant's recent runs, newest first.
 
         INVALID_ARGUMENT for a page_size outside 0 to 1000 or a page_token that
         ListRuns did not return.
@@ -288,7 +322,22 @@ class AgentService:
     call before any handler saw it (a burst of more than 20,000 calls waiting
     to be taken up). Retry, as for UNAVAILABLE.
     - RESOURCE_EXHAUSTED: Temporal is overloaded (retry later), or a message is
-    larger than 4 MiB, the limit in both directions.
+    larger than 4 MiB, the limit in both directions, or the caller is past
+    one of its limits on this server (open StreamRun calls, StartRun calls per
+    second): the message says when to retry, and so does a
+    google.rpc.RetryInfo detail.
+    - UNAUTHENTICATED: a server that authenticates its callers got no
+    credentials, or ones it does not accept; the message says what is wrong
+    (expired, wrong audience, bad signature, a missing claim). Credentials are
+    "authorization: Bearer <JWT>" metadata or a client certificate.
+    - PERMISSION_DENIED: the caller lacks the right the call needs, named in the
+    message: "runs:start" (StartRun), "runs:read" (StreamRun, GetRun,
+    ListRuns, ListAgents), "runs:cancel" (CancelRun), "approvals:decide"
+    (Approve).
+
+    Runs belong to the caller's tenant: another tenant's run is NOT_FOUND, with
+    the message of a run that does not exist, and request_ids and
+    conversation_ids are the tenant's own.
     - INTERNAL: a fault of the server; the message carries an incident id that
     the server's log explains. No call answers UNKNOWN.
 

@@ -1,0 +1,387 @@
+"""Who is calling, and what they may do: authentication of every AgentService call in one interceptor.
+
+A caller proves who it is with a bearer JWT (``authorization: Bearer <token>`` metadata: signature, issuer,
+audience and expiry checked, keys from a JWKS file or URL) or, on a server that requires client certificates, with
+its certificate (CN is the subject, O the tenant, rights from configuration). A token wins over the certificate
+it travels with. The result is a ``Principal``, which handlers read through ``principal()`` and never from the
+request. Health and reflection are other services: the interceptor leaves them open.
+
+No token is ever logged or echoed: messages say what is wrong with it (expired, wrong audience, bad signature).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+import jwt
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from agent_service._errors import ApiError, Context, Handler, StreamBehavior, UnaryBehavior, abort
+from shared.settings import Settings
+
+log = logging.getLogger("agentrun.server")
+
+# The rights, one per kind of act: starting runs, reading them (GetRun, StreamRun, ListRuns, ListAgents),
+# cancelling them, and deciding approvals. A token carries them in its "scope" claim, separated by spaces.
+RUNS_START = "runs:start"
+RUNS_READ = "runs:read"
+RUNS_CANCEL = "runs:cancel"
+APPROVALS_DECIDE = "approvals:decide"
+RIGHTS = (RUNS_START, RUNS_READ, RUNS_CANCEL, APPROVALS_DECIDE)
+SCOPE_CLAIM = "scope"
+# The right each AgentService method needs; a method missing here is refused to everyone.
+METHOD_RIGHTS = {
+    "StartRun": RUNS_START,
+    "StreamRun": RUNS_READ,
+    "GetRun": RUNS_READ,
+    "ListRuns": RUNS_READ,
+    "ListAgents": RUNS_READ,
+    "CancelRun": RUNS_CANCEL,
+    "Approve": APPROVALS_DECIDE,
+}
+# Subjects under this prefix are the server's own (the approver "agentrun:timeout"): no caller can be one.
+RESERVED_PREFIX = "agentrun:"
+# Clocks of the issuer and this server may disagree by this much.
+CLOCK_SKEW_SECONDS = 30
+# A JWKS URL is fetched again after this long, and at most this often for a key id it does not have.
+JWKS_CACHE_SECONDS = 300
+JWKS_REFETCH_SECONDS = 30
+JWKS_FETCH_TIMEOUT_SECONDS = 5
+# Algorithms a JWKS key may name; "none" and the HMAC ones (a shared secret is no public key) are never accepted.
+ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
+MAX_NAME_LENGTH = 128
+# Subjects are recorded as approvers; tenants go into Temporal queries and Redis keys, so their rule is the ids'.
+_SUBJECT_CHARACTERS = ("letters, digits and . _ : @ | + -", re.compile(r"[A-Za-z0-9._:@|+\-]+"))
+_TENANT_CHARACTERS = ("letters, digits and . _ : -", re.compile(r"[A-Za-z0-9._:\-]+"))
+_SERVICE_PREFIX = "/agentrun.v1.AgentService/"
+
+
+class AuthConfigError(ValueError):
+    """The authentication settings are incomplete or unreadable; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of the current call: who (``subject``), on behalf of which ``tenant``, allowed to do what."""
+
+    subject: str
+    tenant: str
+    rights: frozenset[str]
+    # False only on a server that authenticates no one (loopback dev and tests): every caller is this one.
+    authenticated: bool = True
+
+    @property
+    def key(self) -> str:
+        """What limits count per principal."""
+        return f"{self.tenant}/{self.subject}"
+
+
+# Without authentication every caller may do everything in the one tenant "", as before authentication existed.
+ANONYMOUS = Principal("", "", frozenset(RIGHTS), authenticated=False)
+_CURRENT: ContextVar[Principal] = ContextVar("principal")
+
+
+def principal() -> Principal:
+    """The caller of the call being served: the one place handlers learn it."""
+    return _CURRENT.get()
+
+
+def check_subject(subject: str, what: str) -> str:
+    """A subject as it is recorded; refuses the server's reserved names."""
+    if subject.startswith(RESERVED_PREFIX):
+        raise ApiError(
+            grpc.StatusCode.PERMISSION_DENIED, f"{what}: names starting with {RESERVED_PREFIX!r} are the server's own"
+        )
+    return subject
+
+
+def _unauthenticated(problem: str) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+
+class _JwksFile:
+    """Keys from a JWKS file, read again when the file changes (a key rotation needs no restart)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        self._keys: jwt.PyJWKSet | None = None
+        self._load()
+
+    def _load(self) -> jwt.PyJWKSet:
+        try:
+            stat = os.stat(self._path)
+            if self._keys is None or self._stamp != (stat.st_mtime_ns, stat.st_size):
+                with open(self._path, encoding="utf-8") as file:
+                    self._keys = jwt.PyJWKSet.from_json(file.read())
+                self._stamp = (stat.st_mtime_ns, stat.st_size)
+        except (OSError, ValueError, jwt.PyJWKSetError, jwt.PyJWKError) as err:
+            if self._keys is None:
+                raise AuthConfigError(f"AGENTRUN_AUTH_JWKS: cannot read the JWKS file {self._path}: {err}") from None
+            log.warning("kept the keys read before: cannot read the JWKS file %s: %s", self._path, err)
+        assert self._keys is not None
+        return self._keys
+
+    async def key(self, kid: str | None) -> jwt.PyJWK:
+        return _match(self._load().keys, kid)
+
+
+class _JwksUrl:
+    """Keys from a JWKS URL: cached, fetched in a thread (PyJWKClient is synchronous), and fetched again for an
+    unknown key id at most every JWKS_REFETCH_SECONDS, so that made-up key ids cannot make it hammer the issuer."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._client = jwt.PyJWKClient(
+            url,
+            cache_jwk_set=True,
+            lifespan=JWKS_CACHE_SECONDS,
+            timeout=JWKS_FETCH_TIMEOUT_SECONDS,
+            cooldown_duration=JWKS_REFETCH_SECONDS,
+        )
+
+    async def key(self, kid: str | None) -> jwt.PyJWK:
+        try:
+            if kid is None:
+                return _match((await asyncio.to_thread(self._client.get_jwk_set)).keys, None)
+            return await asyncio.to_thread(self._client.get_signing_key, kid)
+        except jwt.PyJWKClientConnectionError:
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE, f"the token's keys cannot be fetched from {self._url}; retry later"
+            ) from None
+        except jwt.PyJWKClientError:
+            raise _unauthenticated("the token is signed with a key that this server does not trust") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _match(keys: Iterable[jwt.PyJWK], kid: str | None) -> jwt.PyJWK:
+    keys = list(keys)
+    if kid is None and len(keys) == 1:
+        return keys[0]
+    if kid is None:
+        raise _unauthenticated("the token names no key id (kid), and this server trusts several keys")
+    for key in keys:
+        if key.key_id == kid:
+            return key
+    raise _unauthenticated("the token is signed with a key that this server does not trust")
+
+
+# Why PyJWT refused a token, in words for the caller; none repeats the token.
+_TOKEN_PROBLEMS: list[tuple[type[Exception], str]] = [
+    (jwt.ExpiredSignatureError, "the token has expired"),
+    (jwt.ImmatureSignatureError, "the token is not valid yet (nbf or iat in the future)"),
+    (jwt.InvalidAudienceError, "the token is not for this service (wrong audience)"),
+    (jwt.InvalidIssuerError, "the token comes from an issuer this server does not trust (wrong issuer)"),
+    (jwt.InvalidSignatureError, "the token's signature does not verify (bad signature)"),
+    (jwt.InvalidAlgorithmError, "the token is signed with an algorithm that its key does not allow"),
+]
+
+
+@dataclass
+class Authenticator:
+    """Turns a call's credentials into a Principal, or refuses them."""
+
+    issuer: str
+    audience: str
+    tenant_claim: str
+    keys: _JwksFile | _JwksUrl | None
+    # Rights of certificate subjects (CN), "*" for any other certificate; None when no certificate identifies.
+    certificate_rights: dict[str, frozenset[str]] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Authenticator | None:
+        """None when the settings turn authentication off (no JWKS and no client CA)."""
+        if not settings.auth_jwks and not settings.tls_client_ca:
+            return None
+        keys: _JwksFile | _JwksUrl | None = None
+        if settings.auth_jwks:
+            if not settings.auth_issuer or not settings.auth_audience:
+                raise AuthConfigError(
+                    "AGENTRUN_AUTH_ISSUER and AGENTRUN_AUTH_AUDIENCE are needed with AGENTRUN_AUTH_JWKS"
+                )
+            source = settings.auth_jwks
+            if source.startswith("http://") and not is_loopback(urllib.parse.urlsplit(source).hostname or ""):
+                raise AuthConfigError(
+                    "AGENTRUN_AUTH_JWKS: a JWKS URL must be https:// (keys fetched in plaintext can be forged)"
+                )
+            keys = _JwksUrl(source) if source.startswith(("https://", "http://")) else _JwksFile(source)
+        rights = parse_certificate_rights(settings.auth_client_rights) if settings.tls_client_ca else None
+        return cls(settings.auth_issuer or "", settings.auth_audience or "", settings.auth_tenant_claim, keys, rights)
+
+    async def authenticate(self, metadata: Iterable[tuple[str, Any]], auth_context: Mapping[str, Any]) -> Principal:
+        tokens = [value for key, value in metadata if key == "authorization"]
+        if len(tokens) > 1:
+            raise _unauthenticated("the call carries more than one authorization metadata entry")
+        if tokens:
+            return await self._from_token(tokens[0])
+        certificate = auth_context.get("x509_pem_cert")
+        if certificate and self.certificate_rights is not None:
+            return self._from_certificate(certificate[0])
+        raise _unauthenticated(
+            "the call has no credentials: send 'authorization: Bearer <token>' metadata"
+            + (" or a client certificate" if self.certificate_rights is not None else "")
+        )
+
+    async def _from_token(self, value: Any) -> Principal:
+        scheme, _, token = (value if isinstance(value, str) else "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthenticated("authorization: must be 'Bearer <token>'")
+        if self.keys is None:
+            raise _unauthenticated("this server takes no tokens (no AGENTRUN_AUTH_JWKS): use a client certificate")
+        token = token.strip()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise _unauthenticated("the token is malformed (not a signed JWT)") from None
+        kid = header.get("kid")
+        key = await self.keys.key(kid if isinstance(kid, str) else None)
+        if key.algorithm_name not in ALGORITHMS:
+            raise _unauthenticated("the token is signed with an algorithm this server does not accept")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[key.algorithm_name],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=CLOCK_SKEW_SECONDS,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.MissingRequiredClaimError as err:
+            raise _unauthenticated(f"the token lacks the {err.claim!r} claim") from None
+        except jwt.InvalidTokenError as err:
+            for kind, problem in _TOKEN_PROBLEMS:
+                if isinstance(err, kind):
+                    raise _unauthenticated(problem) from None
+            raise _unauthenticated("the token is malformed or its claims are not valid") from None
+        subject = _name(claims.get("sub"), "the token's 'sub' claim", _SUBJECT_CHARACTERS)
+        tenant = _name(claims.get(self.tenant_claim), f"the token's {self.tenant_claim!r} claim", _TENANT_CHARACTERS)
+        scope = claims.get(SCOPE_CLAIM, "")
+        granted = scope.split() if isinstance(scope, str) else scope if isinstance(scope, list) else []
+        return Principal(subject, tenant, frozenset(r for r in granted if r in RIGHTS))
+
+    def _from_certificate(self, pem: bytes) -> Principal:
+        assert self.certificate_rights is not None
+        subject_name = x509.load_pem_x509_certificate(pem).subject
+
+        def attribute(oid: x509.ObjectIdentifier) -> Any:
+            values = subject_name.get_attributes_for_oid(oid)
+            return values[0].value if len(values) == 1 else None
+
+        subject = _name(attribute(NameOID.COMMON_NAME), "the client certificate's CN", _SUBJECT_CHARACTERS)
+        organization = attribute(NameOID.ORGANIZATION_NAME)
+        tenant = _name(organization, "the client certificate's O (its tenant)", _TENANT_CHARACTERS)
+        rights = self.certificate_rights.get(subject, self.certificate_rights.get("*", frozenset()))
+        return Principal(subject, tenant, rights)
+
+
+def _name(value: Any, what: str, characters: tuple[str, re.Pattern[str]]) -> str:
+    if not isinstance(value, str) or not value:
+        raise _unauthenticated(f"{what} is missing")
+    allowed, pattern = characters
+    if len(value) > MAX_NAME_LENGTH or not pattern.fullmatch(value):
+        raise _unauthenticated(f"{what} must be 1 to {MAX_NAME_LENGTH} characters of {allowed}")
+    if value.startswith(RESERVED_PREFIX):
+        raise _unauthenticated(f"{what} starts with {RESERVED_PREFIX!r}, which is reserved for the server")
+    return value
+
+
+def parse_certificate_rights(text: str) -> dict[str, frozenset[str]]:
+    """``"billing-bot=runs:start runs:read; approver=approvals:decide; *=runs:read"``: each certificate subject
+    (CN), or ``*`` for any other, and its rights."""
+    rights: dict[str, frozenset[str]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        subject, equals, granted = entry.partition("=")
+        unknown = set(granted.split()) - set(RIGHTS)
+        if not equals or not subject.strip() or unknown:
+            raise AuthConfigError(
+                f"AGENTRUN_AUTH_CLIENT_RIGHTS: {entry!r} must be 'CN=right right ...' with rights among "
+                f"{', '.join(RIGHTS)}" + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
+            )
+        rights[subject.strip()] = frozenset(granted.split())
+    return rights
+
+
+def _authorize(caller: Principal, method: str) -> None:
+    name = method.removeprefix(_SERVICE_PREFIX)
+    needed = METHOD_RIGHTS.get(name)
+    if needed is None:  # a method added to the contract and not given a right here: closed until it is
+        raise ApiError(grpc.StatusCode.PERMISSION_DENIED, f"{name} is open to no caller: no right grants it")
+    if needed not in caller.rights:
+        raise ApiError(
+            grpc.StatusCode.PERMISSION_DENIED, f"{caller.subject!r} may not call {name}: it needs the right {needed!r}"
+        )
+
+
+class Authentication(grpc.aio.ServerInterceptor):
+    """Authenticates and authorizes every AgentService call before its handler runs, streams included, and makes
+    the caller the current ``principal()``. Without an authenticator every caller is ANONYMOUS.
+
+    It goes outside ErrorMapping, so that a caller who is not authenticated learns nothing else (not even that its
+    request did not decode) and costs no log line; it answers its own refusals with the statuses ErrorMapping gives.
+    """
+
+    def __init__(self, authenticator: Authenticator | None) -> None:
+        self._authenticator = authenticator
+
+    async def _enter(self, context: Context, method: str) -> None:
+        if self._authenticator is None:
+            _CURRENT.set(ANONYMOUS)
+            return
+        try:
+            caller = await self._authenticator.authenticate(context.invocation_metadata() or (), context.auth_context())
+            _authorize(caller, method)
+        except Exception as err:
+            await abort(context, err)
+        _CURRENT.set(caller)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(_SERVICE_PREFIX):
+            return handler  # health and reflection stay open
+        enter = self._enter
+        if handler.unary_unary is not None:
+            behavior = cast(UnaryBehavior, handler.unary_unary)
+
+            async def unary(request: Any, context: Context) -> Any:
+                await enter(context, method)
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            streaming = cast(StreamBehavior, handler.unary_stream)
+
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                await enter(context, method)
+                async for response in streaming(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return None  # AgentService has no other kinds of method: refuse what cannot be checked
