@@ -59,13 +59,7 @@ async def test_a_retried_round_that_had_ended_the_run_does_not_ask_the_model_aga
         ],
         floor=3,
     )
-    activities = RunActivities(
-        stack.llm,
-        writer,
-        default_registry(stack.settings.tool_modules),
-        ConversationStore(stack.redis, stack.settings.redis_prefix),
-        TranscriptStore(stack.redis, stack.settings.redis_prefix),
-    )
+    activities = activities_on(stack, writer)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[3])
     round_input = CallModelInput(
@@ -100,13 +94,7 @@ async def test_a_retried_sub_agent_round_skips_only_its_own_text_and_leaves_the_
     await writer.append(run_id, [events.text_delta("Half ")], floor=3, agent_path=path)
     await writer.append(run_id, [events.text_delta("Half of the sibling's")], floor=3, agent_path=sibling)
     await writer.append(run_id, [events.text_delta("of it, ")], floor=3, agent_path=path)
-    activities = RunActivities(
-        stack.llm,
-        writer,
-        default_registry(stack.settings.tool_modules),
-        ConversationStore(stack.redis, stack.settings.redis_prefix),
-        TranscriptStore(stack.redis, stack.settings.redis_prefix),
-    )
+    activities = activities_on(stack, writer)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[6])
     round_input = CallModelInput(
@@ -119,3 +107,14 @@ async def test_a_retried_sub_agent_round_skips_only_its_own_text_and_leaves_the_
     assert [e.sequence for e in streamed] == [4, 5, 6, 7]
     assert streamed[-1].text_delta.text == "then the rest." and list(streamed[-1].agent_path) == path
     assert (reply.text, reply.ended_run, reply.last_sequence) == ("Half of it, then the rest.", 0, 7)
+
+
+def activities_on(stack: Stack, writer: RunStreamWriter) -> RunActivities:
+    """The worker's activities, publishing through ``writer``, outside a worker."""
+    return RunActivities(
+        stack.llm,
+        writer,
+        default_registry(stack.settings.tool_modules),
+        ConversationStore(stack.redis, stack.settings.redis_prefix),
+        TranscriptStore(stack.redis, stack.settings.redis_prefix),
+    )
