@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import FailureError
+from temporalio.service import RPCError, RPCStatusCode
 
 from agent_service._errors import from_temporal
 from agentrun.v1 import agent_service_pb2 as pb
@@ -48,6 +50,10 @@ _END_STATES = {
     RunEnd.FAILED: pb.RUN_STATE_FAILED,
     RunEnd.CANCELLED: pb.RUN_STATE_CANCELLED,
 }
+
+
+# How many sub-agents' runs GetRun and Approve describe at once.
+SUB_RUN_BATCH = 20
 
 
 @dataclass
@@ -119,14 +125,30 @@ async def approvals(execution: WorkflowExecution) -> list[Approval]:
 
 
 async def sub_runs(client: Client, execution: WorkflowExecution) -> list[WorkflowExecution]:
-    """The runs of the sub-agents below a run, as the memos record them, breadth first (none for most runs)."""
+    """The runs of the sub-agents below a run, as the memos record them, breadth first (none for most runs).
+
+    A sub-agent's run ends before its root, so Temporal's retention may have removed it while the root is still
+    shown: it is left out. Each level is described SUB_RUN_BATCH runs at a time.
+    """
     found: list[WorkflowExecution] = []
     waiting: list[str] = await execution.memo_value(MEMO_SUB_RUNS, [], type_hint=list[str])
     while waiting:
-        sub = await from_temporal(handle(client, waiting.pop(0)).describe())
-        found.append(sub)
-        waiting += await sub.memo_value(MEMO_SUB_RUNS, [], type_hint=list[str])
+        batch, waiting = waiting[:SUB_RUN_BATCH], waiting[SUB_RUN_BATCH:]
+        described = await from_temporal(asyncio.gather(*(_described_unless_removed(client, run) for run in batch)))
+        for sub in described:
+            if sub is not None:
+                found.append(sub)
+                waiting += await sub.memo_value(MEMO_SUB_RUNS, [], type_hint=list[str])
     return found
+
+
+async def _described_unless_removed(client: Client, run_id: str) -> WorkflowExecution | None:
+    try:
+        return await handle(client, run_id).describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
 
 
 async def recorded_approval(execution: WorkflowExecution, approval_id: str) -> Approval | None:

@@ -571,8 +571,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         Redis records which sub-agent's run asked the moment it asks; without that record, the memos of the run
         and of its sub-agents' runs tell. An approval that none knows yet is the run's own (see Approve).
         """
+        redis_answered = False
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             asking = await approval_run(self._redis, self._settings.redis_prefix, execution.id, approval_id)
+            redis_answered = True
             if asking is not None:
                 return await from_temporal(_runs.handle(self._temporal, asking).describe())
         if await _runs.recorded_approval(execution, approval_id) is not None:
@@ -580,6 +582,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
         for sub in await _runs.sub_runs(self._temporal, execution):
             if await _runs.recorded_approval(sub, approval_id) is not None:
                 return sub
+        if not redis_answered:
+            # Asked a moment ago (the memos lag Redis), by the run or by a sub-agent's run: which one cannot be told,
+            # and an answer sent to the root for a sub-agent's request would leave it waiting for a request it never
+            # makes.
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"Redis is unavailable, and Temporal does not know approval {approval_id!r} yet; retry later",
+            )
         return execution
 
     async def _is_pending_in_redis(self, run_id: str, approval_id: str) -> bool:

@@ -16,11 +16,11 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from agentrun.v1 import agent_service_pb2 as pb
 from shared.agents import load_agents, sub_agent_snapshot
-from shared.contract import WORKFLOW_NAME, RunInput, RunResult
+from shared.contract import MEMO_AGENT, MEMO_SUB_RUNS, WORKFLOW_NAME, RunInput, RunResult
 from shared.events import usage as events_usage
 from tests.agent_service.test_agent_loop import approve, calls, tool_messages, until
 from tests.agent_service.test_runs import collect, kinds, text_of, wait_for_state
-from tests.conftest import Stack
+from tests.conftest import AGENTS_FILE, Stack
 from worker.worker import build_worker
 
 REPO = Path(__file__).parent.parent.parent
@@ -279,6 +279,27 @@ async def test_a_sub_agents_approval_reaches_it_through_the_memos_when_redis_for
     assert (answer.decision, answer.reason) == (pb.APPROVAL_DECISION_DENY, "not today")
     assert events[0].approval_decided.approval_id == approval_id
     assert events[-1].run_completed.output == "done"
+
+
+async def test_a_root_is_still_shown_when_temporal_removed_its_sub_agents_run(stack: Stack) -> None:
+    # A sub-agent's run ends before its root, so Temporal's retention removes it first: the root's memo then names a
+    # run Temporal does not know. (Temporal's own delete takes most of a minute here, so the root is started with
+    # such a memo, as the server would start it.)
+    run_id = f"run-{uuid.uuid4().hex}"
+    agent = load_agents(AGENTS_FILE)["planner"]
+    started = RunInput(run_id, agent, stack.model.script({"text": "done"}))
+    await stack.temporal.start_workflow(
+        WORKFLOW_NAME,
+        started,
+        id=run_id,
+        task_queue=stack.settings.task_queue,
+        memo={MEMO_AGENT: "planner", MEMO_SUB_RUNS: [f"{run_id}/call_removed"]},
+    )
+    await collect(stack, run_id)
+
+    run = await stack.client.get_run(run_id)
+
+    assert (run.state, run.output) == (pb.RUN_STATE_COMPLETED, "done")
 
 
 async def test_a_delegation_follows_the_approval_policy_like_any_tool(stack: Stack) -> None:
