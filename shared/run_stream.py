@@ -26,8 +26,14 @@ import redis.asyncio as redis
 from agentrun.v1 import agent_service_pb2 as pb
 from shared.events import is_terminal
 
-# Appends a batch atomically. The sequence continues from the larger of the stream's last entry and the caller's
-# floor, so a stream that Redis lost mid-run never reuses a sequence number that a client may already have seen.
+# When a run's stream holds less than a writer has seen (Redis lost entries: a flush, a failover, an expiry), its
+# numbering jumps this far past the writer's floor. The run's other writers may have published past that floor in the
+# meantime (a model call since its last heartbeat, a parent and its sub-agents, each knowing only its own floor);
+# no run publishes a billion events, and a client sees the jump as one events_lost.
+LOST_SEQUENCE_JUMP = 1_000_000_000
+
+# Appends a batch atomically. The sequence continues from the stream's last entry, or past the caller's floor when the
+# stream has lost entries, so a stream that Redis lost mid-run never reuses a number that a client may have seen.
 # KEYS: stream, writers' last batches, pending approvals, channel. ARGV: floor, ttl, terminal ("1" or "0"), writer,
 # batch, then pairs of (marker, event).
 _APPEND = """
@@ -47,7 +53,8 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-local seq = math.max(last, tonumber(ARGV[1]))
+local seq = last
+if last < tonumber(ARGV[1]) then seq = tonumber(ARGV[1]) + @LOST_SEQUENCE_JUMP@ end
 -- A marker "+id" or "-id" adds or removes a pending approval.
 for i = 6, #ARGV, 2 do
   seq = seq + 1
@@ -68,7 +75,7 @@ for i = 6, #ARGV, 2 do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {seq, 0}
-"""
+""".replace("@LOST_SEQUENCE_JUMP@", str(LOST_SEQUENCE_JUMP))
 
 
 def _key(prefix: str, run_id: str, name: str) -> str:

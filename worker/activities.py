@@ -58,10 +58,6 @@ FINAL_ROUND_NOTE = (
 # call), so that the history sent to the model stays well-formed.
 MISSING_RESULT = "No result: the run ended before this tool call finished."
 
-# After Redis lost a run's stream while a model call died, the retry continues this far past the last sequence
-# it knows of; more events than this cannot have been published between two heartbeats: a model call has one append
-# in flight at a time (about 1 ms each), so at most a few thousand in the HEARTBEAT_INTERVAL_SECONDS between them.
-LOST_SEQUENCE_MARGIN = 10_000
 # A run's transcript outlives the run by this much: every round renews it, and no run lives longer than its timeout.
 TRANSCRIPT_TTL_MARGIN_SECONDS = 60
 # Statuses with which a model endpoint says "not now" rather than "never": retried, after Retry-After if given.
@@ -394,9 +390,10 @@ class RunActivities:
         floor = max([input.after_sequence, *published])
         stored = await self._stream.last_sequence(input.run_id)
         if stored < floor:
-            # Redis lost events that an earlier attempt published, and this attempt cannot know exactly how many
-            # it published after its last heartbeat: numbers past a wide margin were surely never used.
-            return _Resumed(floor=floor + LOST_SEQUENCE_MARGIN)
+            # Redis lost events that an earlier attempt published, and this attempt cannot know how many it published
+            # after its last heartbeat: the stream's next append jumps far past the floor (run_stream's
+            # LOST_SEQUENCE_JUMP).
+            return _Resumed(floor=floor)
         earlier = await self._stream.read_after(input.run_id, input.after_sequence)
         if input.sub_run:
             # The root's stream has other runs' events too: a sibling sub-agent's text is not this call's. (Two

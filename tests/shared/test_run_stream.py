@@ -9,7 +9,7 @@ import redis.asyncio as redis
 from agentrun.v1 import agent_service_pb2 as pb
 from shared import events
 from shared.contract import RunEnd, RunOutcome
-from shared.run_stream import RunStreamWriter, channel, decode_published, read_range, stream_key
+from shared.run_stream import LOST_SEQUENCE_JUMP, RunStreamWriter, channel, decode_published, read_range, stream_key
 from shared.settings import Settings
 
 
@@ -35,8 +35,26 @@ async def test_a_floor_keeps_numbering_past_a_lost_stream(settings: Settings, re
 
     result = await writer.append("r2", [delta("x")], floor=41)
 
-    assert result.last_sequence == 42
-    assert [e.sequence for e in await read_range(redis_client, settings.redis_prefix, "r2", 0)] == [42]
+    assert result.last_sequence == 41 + LOST_SEQUENCE_JUMP + 1
+    assert [e.sequence for e in await read_range(redis_client, settings.redis_prefix, "r2", 0)] == [
+        result.last_sequence
+    ]
+
+
+async def test_a_writer_whose_floor_lags_others_never_reuses_their_numbers_after_a_loss(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # A parent and its sub-agents write one stream, each knowing only its own floor: a sub-agent streamed on to 900
+    # while its sibling, last told 120, ran a tool; then Redis lost the stream.
+    writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
+    ahead = await writer.append("r5", [delta("x") for _ in range(900)], floor=0)
+    await redis_client.delete(stream_key(settings.redis_prefix, "r5"))
+
+    behind = await writer.append("r5", [delta("y")], floor=120)
+    after = await writer.append("r5", [delta("z")], floor=ahead.last_sequence)
+
+    assert behind.last_sequence > ahead.last_sequence
+    assert after.last_sequence == behind.last_sequence + 1
 
 
 async def test_a_terminal_event_closes_the_stream(settings: Settings, redis_client: redis.Redis) -> None:
@@ -59,7 +77,7 @@ async def test_each_entry_is_published_on_the_run_channel(settings: Settings, re
     writer = RunStreamWriter(redis_client, settings.redis_prefix, ttl_seconds=60)
     async with redis_client.pubsub() as pubsub:
         await pubsub.ssubscribe(channel(settings.redis_prefix, "r4"))
-        await writer.append("r4", [delta("a"), delta("b")], floor=7, agent_path=["assistant"])
+        await writer.append("r4", [delta("a"), delta("b")], floor=0, agent_path=["assistant"])
 
         messages: list[pb.RunEvent] = []
         async with asyncio.timeout(10):
@@ -69,8 +87,8 @@ async def test_each_entry_is_published_on_the_run_channel(settings: Settings, re
                     messages.append(decode_published(message["data"]))
 
     assert [(e.sequence, e.text_delta.text, list(e.agent_path)) for e in messages] == [
-        (8, "a", ["assistant"]),
-        (9, "b", ["assistant"]),
+        (1, "a", ["assistant"]),
+        (2, "b", ["assistant"]),
     ]
 
 

@@ -51,6 +51,7 @@ async def test_a_retried_round_that_had_ended_the_run_does_not_ask_the_model_aga
     run_id = f"run-retried-{key}"
     writer = RunStreamWriter(stack.redis, stack.settings.redis_prefix, ttl_seconds=600)
     before, total = Usage(10, 2, 0, 0, 12), Usage(25, 7, 0, 0, 32)
+    await earlier_events(writer, run_id)
     published = await writer.append(
         run_id,
         [
@@ -91,6 +92,7 @@ async def test_a_retried_sub_agent_round_skips_only_its_own_text_and_leaves_the_
     run_id = f"run-sub-{key}"
     writer = RunStreamWriter(stack.redis, stack.settings.redis_prefix, ttl_seconds=600)
     path, sibling = ["planner", "researcher"], ["planner", "remote"]
+    await earlier_events(writer, run_id)
     await writer.append(run_id, [events.text_delta("Half ")], floor=3, agent_path=path)
     await writer.append(run_id, [events.text_delta("Half of the sibling's")], floor=3, agent_path=sibling)
     await writer.append(run_id, [events.text_delta("of it, ")], floor=3, agent_path=path)
@@ -103,7 +105,7 @@ async def test_a_retried_sub_agent_round_skips_only_its_own_text_and_leaves_the_
 
     reply = await env.run(activities.call_model, round_input)
 
-    streamed = await writer.read_after(run_id, 0)
+    streamed = await writer.read_after(run_id, 3)
     assert [e.sequence for e in streamed] == [4, 5, 6, 7]
     assert streamed[-1].text_delta.text == "then the rest." and list(streamed[-1].agent_path) == path
     assert (reply.text, reply.ended_run, reply.last_sequence) == ("Half of it, then the rest.", 0, 7)
@@ -118,3 +120,8 @@ def activities_on(stack: Stack, writer: RunStreamWriter) -> RunActivities:
         ConversationStore(stack.redis, stack.settings.redis_prefix),
         TranscriptStore(stack.redis, stack.settings.redis_prefix),
     )
+
+
+async def earlier_events(writer: RunStreamWriter, run_id: str) -> None:
+    """The run's first three events, published before the round under test."""
+    await writer.append(run_id, [events.text_delta("earlier") for _ in range(3)], floor=0)
