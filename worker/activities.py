@@ -9,7 +9,7 @@ import email.utils
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -264,9 +264,6 @@ class RunActivities:
         agent = input.agent
         tool_names = self._tools.agent_tools(agent, input.tool_digests)
         tool_digests = self._check_tools(agent, tool_names, input.tool_digests)
-        if tool_names and not agent.tools and input.round == agent.max_iterations - 1:
-            # The workflow marks the last round only for an agent with Python tools: it does not see MCP tools.
-            input = replace(input, final_round=True)
         resumed = await self._resume(input)
         if resumed.answer is not None:
             return await self._answered_before(input, resumed.answer, tool_digests)

@@ -165,6 +165,10 @@ class AgentRunWorkflow:
 
     @workflow.run
     async def run(self, input: RunInput) -> RunResult:
+        # Before anything can end the run (its timeout may have passed when a continued execution starts): which run
+        # this is and where its stream stands, so that its end is published as this run's, past its last number.
+        self._identify(input)
+        self._restore(input.progress)
         if not workflow.patched(RUN_TIMEOUT_PATCH):
             return await self._run(input)
         timeout = input.agent.run_timeout_seconds()
@@ -179,13 +183,12 @@ class AgentRunWorkflow:
 
     async def _run(self, input: RunInput) -> RunResult:
         agent = input.agent
-        self._identify(input)
         transcript, usage, first_round = self._start_or_resume(input)
         continues = workflow.patched(CONTINUE_AS_NEW_PATCH)
         try:
             for round in range(first_round, agent.max_iterations):
                 final = round == agent.max_iterations - 1
-                offers_tools = bool(agent.tools or agent.sub_agents)
+                offers_tools = bool(agent.tools or agent.mcp_servers or agent.sub_agents)
                 reply = await self._call_model(input, transcript, round, usage, final_round=final and offers_tools)
                 usage += reply.usage
                 transcript.add(reply.message)
@@ -234,6 +237,16 @@ class AgentRunWorkflow:
             last = await self._finish(input, outcome)
         return RunResult(reply.text, usage, last, reply.structured_output, self._sub_agent_usage_list())
 
+    def _restore(self, progress: RunProgress | None) -> None:
+        """Takes up where the run's earlier executions left it, when it continued as new."""
+        if progress is None:
+            return
+        self._last_sequence, self._batches = progress.last_sequence, progress.batches
+        self._approvals = {approval.approval_id: approval for approval in progress.approvals}
+        self._tool_digests = progress.tool_digests
+        self._sub_runs = progress.sub_runs
+        self._sub_agent_usage = {tuple(entry.agent_path): entry.usage for entry in progress.sub_agent_usage}
+
     def _start_or_resume(self, input: RunInput) -> tuple[_Transcript, Usage, int]:
         """The run's messages, usage and next round: from its input, or where the earlier executions left it when
         it continued as new."""
@@ -241,11 +254,6 @@ class AgentRunWorkflow:
         progress = input.progress
         if progress is None:
             return _Transcript([{"role": "user", "content": input.input}], incremental), Usage(), 0
-        self._last_sequence, self._batches = progress.last_sequence, progress.batches
-        self._approvals = {approval.approval_id: approval for approval in progress.approvals}
-        self._tool_digests = progress.tool_digests
-        self._sub_runs = progress.sub_runs
-        self._sub_agent_usage = {tuple(entry.agent_path): entry.usage for entry in progress.sub_agent_usage}
         transcript = _Transcript(
             progress.messages, incremental, first=progress.first_message, stored=progress.stored_messages
         )
