@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -538,14 +538,18 @@ class AgentRunWorkflow:
             sub_agents=sub_agent_snapshot(input.sub_agents, sub.name),
             delegation=Delegation(child_id, path, tree.task_queue, tree.max_depth, self._last_sequence),
         )
-        self._sub_runs.append(child_id)
-        workflow.upsert_memo({MEMO_SUB_RUNS: self._sub_runs})
+        if child_id not in self._sub_runs:
+            self._sub_runs.append(child_id)
+            workflow.upsert_memo({MEMO_SUB_RUNS: self._sub_runs})
         try:
             result: RunResult = await workflow.execute_child_workflow(
                 WORKFLOW_NAME,
                 child,
                 result_type=RunResult,
                 id=child_id,
+                # A model that repeats a call id in a later round must not start a second run under the first's id:
+                # the two would share writer names in the stream, and one's events would be taken for the other's.
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 task_queue=sub.task_queue or tree.task_queue,
                 cancellation_type=workflow.ChildWorkflowCancellationType.TRY_CANCEL,
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,

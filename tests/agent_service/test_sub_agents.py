@@ -302,6 +302,29 @@ async def test_a_root_is_still_shown_when_temporal_removed_its_sub_agents_run(st
     assert (run.state, run.output) == (pb.RUN_STATE_COMPLETED, "done")
 
 
+async def test_a_call_id_the_model_repeats_in_a_later_round_starts_no_second_sub_agent_under_it(
+    stack: Stack,
+) -> None:
+    first, second = stack.model.script({"text": "first answer"}), stack.model.script({"text": "second answer"})
+    root = stack.model.script(
+        {"tool_calls": [{"id": "same", "name": "delegate_to_researcher", "arguments": {"task": f"{first} one"}}]},
+        {"tool_calls": [{"id": "same", "name": "delegate_to_researcher", "arguments": {"task": f"{second} two"}}]},
+        {"text": "done"},
+    )
+    run_id = await stack.client.start_run("planner", root)
+
+    events = await collect(stack, run_id)
+
+    finished = [e.tool_call_finished for e in events if e.HasField("tool_call_finished")]
+    assert [(f.status, f.result or f.error) for f in finished] == [
+        (pb.TOOL_CALL_STATUS_COMPLETED, "first answer"),
+        (pb.TOOL_CALL_STATUS_FAILED, "call id 'same' was already used for a delegation"),
+    ]
+    assert stack.model.server.requests_for(second) == []
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].run_completed.output == "done"
+
+
 async def test_a_delegation_follows_the_approval_policy_like_any_tool(stack: Stack) -> None:
     child = stack.model.script({"text": "never asked"})
     root = stack.model.script(delegate("fetcher", f"{child} fetch"), {"text": "not allowed, then"})
