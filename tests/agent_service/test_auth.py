@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 
+from agent_service import _auth
 from agent_service._auth import AuthConfigError
 from agent_service.server import serve
 from agentrun.client import AgentRunClient, tls_credentials
@@ -571,7 +572,10 @@ async def test_start_run_is_rate_limited_per_principal_saying_when_to_retry(stac
 # Where the keys come from.
 
 
-async def test_a_rotated_jwks_file_is_read_again_without_a_restart(auth_stack: AuthStack, tmp_path: Path) -> None:
+async def test_a_rotated_jwks_file_is_read_again_without_a_restart(
+    auth_stack: AuthStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_auth, "JWKS_FILE_CHECK_SECONDS", 0)  # looked at on every call, not every few seconds
     rotated = Issuer(tmp_path / "next.json")
     rotated.jwks_file.replace(auth_stack.issuer.jwks_file)  # the operator writes the new key set in its place
 
@@ -586,28 +590,58 @@ async def test_a_rotated_jwks_file_is_read_again_without_a_restart(auth_stack: A
 
 @dataclass
 class JwksEndpoint:
+    """What the endpoint answers (``mode``: "keys", or one of BAD_JWKS), from which JWKS file, and how often it
+    was asked."""
+
     url: str
+    source: Path
+    mode: str = "keys"
     fetches: int = 0
+    fetched: asyncio.Event = field(default_factory=asyncio.Event)  # set on every fetch
+
+
+# Answers of an issuer that is down or broken, none of them a key set.
+BAD_JWKS = {
+    "html": lambda: web.Response(text="<html>Service Unavailable</html>", content_type="text/html"),
+    "no usable keys": lambda: web.json_response({"keys": [{"kty": "nonsense", "kid": "x"}]}),
+    "no object": lambda: web.json_response(["keys"]),
+    "error 503": lambda: web.Response(status=503, text="down for maintenance"),
+}
 
 
 @pytest.fixture
 async def jwks_endpoint(issuer: Issuer) -> AsyncIterator[JwksEndpoint]:
-    """The issuer's JWKS served over HTTP on loopback, counting the fetches."""
-    endpoint = JwksEndpoint("")
+    """The issuer's JWKS served over HTTP on loopback, counting the fetches; it can be made to answer garbage,
+    reset the connection halfway through the body, or never answer."""
+    endpoint = JwksEndpoint("", issuer.jwks_file)
+    never = asyncio.Event()
 
-    async def keys(request: web.Request) -> web.Response:
+    async def keys(request: web.Request) -> web.StreamResponse:
         endpoint.fetches += 1
-        return web.Response(text=issuer.jwks_file.read_text(), content_type="application/json")
+        endpoint.fetched.set()
+        if endpoint.mode in BAD_JWKS:
+            return BAD_JWKS[endpoint.mode]()
+        if endpoint.mode == "hang":
+            await never.wait()
+        if endpoint.mode == "reset":
+            response = web.StreamResponse(headers={"Content-Length": "1000"})
+            await response.prepare(request)
+            await response.write(b'{"keys": [')
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        return web.Response(text=endpoint.source.read_text(), content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/jwks.json", keys)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     endpoint.url = f"http://127.0.0.1:{port}/jwks.json"
     yield endpoint
+    never.set()  # a hanging answer ends, so that the runner can stop
     await runner.cleanup()
 
 
@@ -640,6 +674,67 @@ async def test_an_unreachable_jwks_url_is_unavailable_naming_it(stack: Stack, is
                 await client.list_agents()
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert details(raised.value) == f"the token's keys cannot be fetched from {url}; retry later"
+
+
+@pytest.mark.parametrize("mode", [*sorted(BAD_JWKS), "reset", "hang"])
+async def test_a_jwks_url_answering_no_key_set_is_unavailable_naming_it(
+    stack: Stack, issuer: Issuer, jwks_endpoint: JwksEndpoint, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    monkeypatch.setattr(_auth, "JWKS_FETCH_TIMEOUT_SECONDS", 0.5)
+    jwks_endpoint.mode = mode
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=jwks_endpoint.url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.list_agents()
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(raised.value) == f"the token's keys cannot be fetched from {jwks_endpoint.url}; retry later"
+
+
+async def test_calls_waiting_on_a_jwks_url_that_does_not_answer_share_one_fetch_and_remember_its_failure(
+    stack: Stack, issuer: Issuer, jwks_endpoint: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_auth, "JWKS_FETCH_TIMEOUT_SECONDS", 0.5)
+    jwks_endpoint.mode = "hang"
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=jwks_endpoint.url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            calls = await asyncio.gather(*(client.list_agents() for _ in range(5)), return_exceptions=True)
+            assert {err.code() for err in calls if isinstance(err, grpc.aio.AioRpcError)} == {
+                grpc.StatusCode.UNAVAILABLE
+            }
+            assert len(calls) == 5 and all(isinstance(err, grpc.aio.AioRpcError) for err in calls)
+            # Within JWKS_REFETCH_SECONDS of the failed fetch, a call is answered at once, without another.
+            jwks_endpoint.mode = "keys"
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.list_agents()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert jwks_endpoint.fetches == 1
+
+
+async def test_keys_from_a_jwks_url_outlive_their_cache_through_an_issuer_that_fails_and_follow_a_rotation(
+    stack: Stack, issuer: Issuer, jwks_endpoint: JwksEndpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Every call finds the keys due for a refresh, and nothing holds a refresh back.
+    monkeypatch.setattr(_auth, "JWKS_CACHE_SECONDS", 0)
+    monkeypatch.setattr(_auth, "JWKS_REFETCH_SECONDS", 0)
+    rotated = Issuer(tmp_path / "rotated.json")
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=jwks_endpoint.url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            await client.list_agents()
+            for mode in [*sorted(BAD_JWKS), "reset"]:
+                jwks_endpoint.mode = mode
+                jwks_endpoint.fetched.clear()
+                await client.list_agents()  # the refresh runs behind the call, which goes on with the keys it has
+                await jwks_endpoint.fetched.wait()
+                for _ in range(3):
+                    await client.list_agents()
+        # A key the server has not fetched, while the issuer fails: maybe the issuer's newest, so no "bad key".
+        async with AgentRunClient(address, token=rotated.token(), retry_budget_seconds=0) as newcomer:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await newcomer.list_agents()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            # The issuer rotates its key: the new key id makes the server fetch it.
+            jwks_endpoint.mode, jwks_endpoint.source = "keys", rotated.jwks_file
+            await newcomer.list_agents()
 
 
 async def test_a_plaintext_jwks_url_elsewhere_than_loopback_is_refused(stack: Stack, issuer: Issuer) -> None:
