@@ -2,9 +2,9 @@
 
 A caller proves who it is with a bearer JWT (``authorization: Bearer <token>`` metadata: signature, issuer,
 audience and expiry checked, keys from a JWKS file or URL) or, on a server that requires client certificates, with
-its certificate (CN is the subject, O the tenant, rights from configuration). A token wins over the certificate
-it travels with. The result is a ``Principal``, which handlers read through ``principal()`` and never from the
-request. Health and reflection are other services: the interceptor leaves them open.
+its certificate (CN is the subject, O the tenant, rights configured per tenant/subject). A token wins over the
+certificate it travels with. The result is a ``Principal``, which handlers read through ``principal()`` and never
+from the request. Health and reflection are other services: the interceptor leaves them open.
 
 No token is ever logged or echoed: messages say what is wrong with it (expired, wrong audience, bad signature).
 """
@@ -295,7 +295,7 @@ class Authenticator:
     audience: str
     tenant_claim: str
     keys: _JwksFile | _JwksUrl | None
-    # Rights of certificate subjects (CN), "*" for any other certificate; None when no certificate identifies.
+    # Rights of certificates by "tenant/subject" (O/CN), "*" for any other; None when no certificate identifies.
     certificate_rights: dict[str, frozenset[str]] | None = None
 
     @classmethod
@@ -381,7 +381,8 @@ class Authenticator:
         subject = _name(attribute(NameOID.COMMON_NAME), "the client certificate's CN", _SUBJECT_CHARACTERS)
         organization = attribute(NameOID.ORGANIZATION_NAME)
         tenant = _name(organization, "the client certificate's O (its tenant)", _TENANT_CHARACTERS)
-        rights = self.certificate_rights.get(subject, self.certificate_rights.get("*", frozenset()))
+        # By tenant and subject together: the same CN in another tenant is another principal.
+        rights = self.certificate_rights.get(f"{tenant}/{subject}", self.certificate_rights.get("*", frozenset()))
         return Principal(subject, tenant, rights)
 
 
@@ -397,18 +398,20 @@ def _name(value: Any, what: str, characters: tuple[str, re.Pattern[str]]) -> str
 
 
 def parse_certificate_rights(text: str) -> dict[str, frozenset[str]]:
-    """``"billing-bot=runs:start runs:read; approver=approvals:decide; *=runs:read"``: each certificate subject
-    (CN), or ``*`` for any other, and its rights."""
+    """``"acme/billing-bot=runs:start runs:read; acme/approver=approvals:decide; *=runs:read"``: each certificate's
+    tenant and subject (O/CN), or ``*`` for any other certificate, and its rights."""
     rights: dict[str, frozenset[str]] = {}
     for entry in filter(None, (part.strip() for part in text.split(";"))):
-        subject, equals, granted = entry.partition("=")
+        holder, equals, granted = (part.strip() for part in entry.partition("="))
+        tenant, slash, subject = holder.partition("/")
         unknown = set(granted.split()) - set(RIGHTS)
-        if not equals or not subject.strip() or unknown:
+        if not equals or (holder != "*" and not (tenant and slash and subject)) or unknown:
             raise AuthConfigError(
-                f"AGENTRUN_AUTH_CLIENT_RIGHTS: {entry!r} must be 'CN=right right ...' with rights among "
-                f"{', '.join(RIGHTS)}" + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
+                f"AGENTRUN_AUTH_CLIENT_RIGHTS: {entry!r} must be 'tenant/subject=right right ...' (the certificate's "
+                f"O/CN) or '*=...', with rights among {', '.join(RIGHTS)}"
+                + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
             )
-        rights[subject.strip()] = frozenset(granted.split())
+        rights[holder] = frozenset(granted.split())
     return rights
 
 

@@ -371,6 +371,18 @@ async def test_authentication_needs_the_run_id_secret_and_the_issuer(stack: Stac
     assert str(raised.value) == "AGENTRUN_AUTH_ISSUER and AGENTRUN_AUTH_AUDIENCE are needed with AGENTRUN_AUTH_JWKS"
 
 
+def test_certificate_rights_are_configured_per_tenant_and_subject() -> None:
+    rights = _auth.parse_certificate_rights("acme/approver=approvals:decide; *=runs:read")
+    assert rights == {"acme/approver": frozenset({"approvals:decide"}), "*": frozenset({"runs:read"})}
+
+    # A CN alone would grant its rights to that CN in every tenant: refused, saying what to write.
+    with pytest.raises(AuthConfigError) as raised:
+        _auth.parse_certificate_rights("approver=approvals:decide")
+    assert str(raised.value).startswith(
+        "AGENTRUN_AUTH_CLIENT_RIGHTS: 'approver=approvals:decide' must be 'tenant/subject=right right ...'"
+    )
+
+
 # Mutual TLS: the client certificate names the caller.
 
 
@@ -390,7 +402,7 @@ async def tls_server(stack: Stack, issuer: Issuer, tmp_path: Path) -> AsyncItera
         tls_cert=str(server_cert.cert_file),
         tls_key=str(server_cert.key_file),
         tls_client_ca=str(ca.cert_file),
-        auth_client_rights="reader=runs:read; starter=runs:start runs:read",
+        auth_client_rights="globex/reader=runs:read; acme/starter=runs:start runs:read",
     )
     async with server_for(stack, settings) as address:
         yield TlsServer(address.replace("127.0.0.1", "localhost"), ca)
@@ -445,6 +457,15 @@ async def test_a_client_certificate_names_subject_tenant_and_its_configured_righ
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # another tenant's run
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await reader.start_run("assistant", "hi")
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # Rights are a tenant's subject's: the same CN in another tenant gets none of acme's starter's.
+    async with mtls_client(tls_server, tls_server.ca, "starter", "globex") as namesake:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await namesake.start_run("assistant", "hi")
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await namesake.list_agents()
         assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # A subject with no configured rights may do nothing; a token sent along decides instead of the certificate.
