@@ -794,8 +794,9 @@ async def serve(
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; port 0 picks a free port. Returns the server and its port; stop it with ``shutdown``.
 
-    Without authentication settings the server authenticates no one, so it listens only on a loopback address
-    unless ``insecure`` says that this is meant. AuthConfigError names a setting that is missing or unreadable.
+    Without authentication settings the server authenticates no one, and with them but without TLS the tokens
+    travel in plaintext: either way it listens only on a loopback address unless ``insecure`` says that this is
+    meant. AuthConfigError names a setting that is missing or unreadable.
     """
     authenticator = Authenticator.from_settings(settings)
     credentials = _credentials(settings)
@@ -804,6 +805,12 @@ async def serve(
             f"refusing to listen on {host} without authentication: set AGENTRUN_AUTH_JWKS (with AGENTRUN_AUTH_ISSUER "
             "and AGENTRUN_AUTH_AUDIENCE) or AGENTRUN_TLS_CLIENT_CA, or pass --insecure to let anyone who can reach "
             "the port read, start, approve and cancel every run"
+        )
+    if authenticator is not None and credentials is None and not insecure and not is_loopback(host):
+        raise AuthConfigError(
+            f"refusing to listen on {host} in plaintext with authentication: tokens would cross the network readable "
+            "by anyone on the way; set AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY, or pass --insecure if something "
+            "in front of the server (a mesh, a proxy) encrypts the traffic"
         )
     if authenticator is not None and not settings.run_id_secret:
         raise AuthConfigError(
@@ -842,6 +849,14 @@ async def serve(
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _RUNNING[server] = (health_servicer, service.relay)
+    log.info(
+        "AgentService listening on %s:%d (task queue %r; %s; %s)",
+        host,
+        bound,
+        settings.task_queue,
+        "TLS" if credentials else "plaintext",
+        "callers authenticated" if authenticator else "NO authentication",
+    )
     return server, bound
 
 
@@ -863,18 +878,7 @@ async def run_server(
 ) -> None:
     stop = stop or stop_on_signals()
     telemetry.setup("agentrun-server")
-    server, bound = await serve(settings, port=port, host=host, insecure=insecure)
-    authenticated = settings.auth_jwks or settings.tls_client_ca
-    log.info(
-        "AgentService listening on %s:%d (task queue %r; %s; %s)",
-        host,
-        bound,
-        settings.task_queue,
-        "TLS" if settings.tls_cert else "plaintext",
-        "callers authenticated" if authenticated else "NO authentication",
-    )
-    if authenticated and not settings.tls_cert and not is_loopback(host):
-        log.warning("tokens reach this server in plaintext: give it AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY")
+    server, _ = await serve(settings, port=port, host=host, insecure=insecure)
     await stop.wait()
     log.info("server shutting down")
     await shutdown(server)

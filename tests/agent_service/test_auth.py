@@ -20,7 +20,7 @@ from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 
 from agent_service import _auth
 from agent_service._auth import AuthConfigError
-from agent_service.server import serve
+from agent_service.server import serve, shutdown
 from agentrun.client import AgentRunClient, tls_credentials
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
@@ -358,6 +358,25 @@ async def test_a_server_without_authentication_refuses_other_than_loopback_unles
         await serve(stack.settings, port=0, host="0.0.0.0", temporal=stack.temporal, redis_client=stack.redis)
     assert str(raised.value).startswith("refusing to listen on 0.0.0.0 without authentication: set AGENTRUN_AUTH_JWKS")
     assert "--insecure" in str(raised.value)
+
+
+async def test_an_authenticating_server_without_tls_refuses_other_than_loopback_unless_insecure(
+    stack: Stack, issuer: Issuer
+) -> None:
+    settings = with_auth(stack.settings, issuer)
+    with pytest.raises(AuthConfigError) as raised:
+        await serve(settings, port=0, host="0.0.0.0", temporal=stack.temporal, redis_client=stack.redis)
+    assert str(raised.value).startswith("refusing to listen on 0.0.0.0 in plaintext with authentication")
+    assert "AGENTRUN_TLS_CERT" in str(raised.value) and "--insecure" in str(raised.value)
+
+    server, port = await serve(
+        settings, port=0, host="0.0.0.0", temporal=stack.temporal, redis_client=stack.redis, insecure=True
+    )
+    try:
+        async with AgentRunClient(f"127.0.0.1:{port}", token=issuer.token(), retry_budget_seconds=0) as client:
+            assert [agent.name for agent in await client.list_agents()][:1] == ["assistant"]
+    finally:
+        await shutdown(server, grace=0)
 
 
 async def test_authentication_needs_the_run_id_secret_and_the_issuer(stack: Stack, issuer: Issuer) -> None:
