@@ -257,12 +257,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
         run_id, after = request.run_id, request.after_sequence
         telemetry.current_run_id.set(run_id)
         caller = principal()
-        span = await self._stream_span(context, run_id) if telemetry.enabled() else None
+        span = self._stream_span(context, run_id) if telemetry.enabled() else None
         metrics = telemetry.instruments()
         metrics.open_streams.add(1)
         relayed = 0
         try:
             await self._check_tenant(run_id, caller.tenant)
+            if span is not None:  # only now: another tenant's run's trace is none of the caller's business
+                await self._link_to_run_trace(span, run_id)
             with self._limits.stream(caller):
                 async for response in self._stream(run_id, after):
                     if relayed == EVENTS_METRIC_BATCH:
@@ -293,8 +295,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 return
         await self._describe(run_id)
 
-    async def _stream_span(self, context: Context, run_id: str) -> trace.Span:
-        """StreamRun's server span, in the caller's trace and linked to the run's.
+    def _stream_span(self, context: Context, run_id: str) -> trace.Span:
+        """StreamRun's server span, in the caller's trace (linked to the run's once the run is the caller's).
 
         Made here rather than by the gRPC instrumentation, whose span is the current one across the stream's
         yields: a client that goes away closes the stream from another context, where detaching it fails. This
@@ -303,15 +305,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         from opentelemetry import propagate
 
         carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        links = []
-        run_trace = await self._run_trace(run_id)
-        if run_trace is not None:
-            links.append(trace.Link(run_trace, {"agentrun.run_id": run_id}))
         return telemetry.tracer().start_span(
             f"/{SERVICE_NAME}/StreamRun",
             context=propagate.extract(carrier),
             kind=trace.SpanKind.SERVER,
-            links=links,
             attributes={
                 "rpc.system": "grpc",
                 "rpc.service": SERVICE_NAME,
@@ -327,9 +324,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
             return telemetry.span_context_of(mark.traceparent) if mark is not None else None
         return None
 
-    async def _link_to_run_trace(self, run_id: str, approval_id: str = "") -> None:
+    async def _link_to_run_trace(self, span: trace.Span, run_id: str, approval_id: str = "") -> None:
         """Links the call's span to the trace of the run it is about (a watcher's or approver's call has a trace of
-        its own): to the span of the StartRun that started it, or to the approval's request span."""
+        its own): to the span of the StartRun that started it, or to the approval's request span. Only once the run
+        is known to be the caller's tenant's."""
         run_trace = await self._run_trace(run_id)
         if run_trace is None:
             return
@@ -338,7 +336,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             span_id = telemetry.approval_span_id(run_id, approval_id)
             run_trace = trace.SpanContext(run_trace.trace_id, span_id, True, run_trace.trace_flags)
             attributes["agentrun.approval.id"] = approval_id
-        trace.get_current_span().add_link(run_trace, attributes)
+        span.add_link(run_trace, attributes)
 
     async def _stream(self, run_id: str, after: int) -> AsyncIterator[pb.StreamRunResponse]:
         async with self.relay.watch(run_id) as watch:
@@ -501,9 +499,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("arguments_sha256", "must be 64 lowercase hexadecimal digits")
         approver = approver_of(context)
         telemetry.current_run_id.set(request.run_id)
-        if telemetry.enabled():
-            await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
+        if telemetry.enabled():
+            await self._link_to_run_trace(trace.get_current_span(), request.run_id, request.approval_id)
         # A sub-agent's approval is answered through the root's id, and decided by the sub-agent's run, under the
         # sub-agent's approvers.
         asking = await self._asking_run(execution, request.approval_id)
