@@ -18,8 +18,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 
-from agent_service import _auth
+from agent_service import _auth, _limits
 from agent_service._auth import AuthConfigError
+from agent_service._errors import ApiError
 from agent_service.server import serve, shutdown
 from agentrun.client import AgentRunClient, tls_credentials
 from agentrun.v1 import agent_service_pb2 as pb
@@ -800,3 +801,34 @@ async def test_a_namespace_without_the_tenant_search_attribute_is_refused_at_sta
         f"the Temporal namespace {namespace!r} lacks the search attribute AgentrunTenant that tenants' runs carry: "
         f"temporal operator search-attribute create --namespace {namespace} --name AgentrunTenant --type Keyword"
     )
+
+
+def test_rate_limit_buckets_past_the_cap_forget_the_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_limits, "_MAX_BUCKETS", 2)
+    limits = _limits.Limits(max_streams=0, starts_per_second=0.001, start_burst=1)
+    ada, bob, eve = (_auth.Principal(name, "acme", frozenset()) for name in ["ada", "bob", "eve"])
+    limits.take_start(ada)
+    limits.take_start(bob)
+    with pytest.raises(ApiError):
+        limits.take_start(ada)  # ada's bucket is empty, and now the most recently used
+
+    limits.take_start(eve)  # a third bucket: bob's, the least recently used, goes
+
+    with pytest.raises(ApiError):
+        limits.take_start(ada)
+    limits.take_start(bob)  # forgotten: a full bucket again
+
+
+async def test_a_jwks_file_is_looked_at_every_few_seconds_not_on_every_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = Issuer(tmp_path / "jwks.json")
+    keys = _auth._JwksFile(str(first.jwks_file))
+    Issuer(tmp_path / "next.json").jwks_file.replace(first.jwks_file)
+
+    assert (await keys.key(first.kid)).key_id == first.kid  # within JWKS_FILE_CHECK_SECONDS: not looked at
+
+    monkeypatch.setattr(_auth, "JWKS_FILE_CHECK_SECONDS", 0)
+    with pytest.raises(ApiError) as raised:
+        await keys.key(first.kid)
+    assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
