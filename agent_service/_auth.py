@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from agent_service._errors import ApiError, Context, Handler, StreamBehavior, UnaryBehavior, abort
+from shared.contract import ID_CHARACTERS, ID_PATTERN
 from shared.settings import Settings
 
 log = logging.getLogger("agentrun.server")
@@ -73,7 +74,7 @@ ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "E
 MAX_NAME_LENGTH = 128
 # Subjects are recorded as approvers; tenants go into Temporal queries and Redis keys, so their rule is the ids'.
 _SUBJECT_CHARACTERS = ("letters, digits and . _ : @ | + -", re.compile(r"[A-Za-z0-9._:@|+\-]+"))
-_TENANT_CHARACTERS = ("letters, digits and . _ : -", re.compile(r"[A-Za-z0-9._:\-]+"))
+_TENANT_CHARACTERS = (ID_CHARACTERS, ID_PATTERN)
 _SERVICE_PREFIX = "/agentrun.v1.AgentService/"
 
 
@@ -107,13 +108,9 @@ def principal() -> Principal:
     return _CURRENT.get()
 
 
-def check_subject(subject: str, what: str) -> str:
-    """A subject as it is recorded; refuses the server's reserved names."""
-    if subject.startswith(RESERVED_PREFIX):
-        raise ApiError(
-            grpc.StatusCode.PERMISSION_DENIED, f"{what}: names starting with {RESERVED_PREFIX!r} are the server's own"
-        )
-    return subject
+def is_reserved(name: str) -> bool:
+    """Whether ``name`` is one of the server's own (the approver "agentrun:timeout"), which no caller may be."""
+    return name.startswith(RESERVED_PREFIX)
 
 
 def _unauthenticated(problem: str) -> ApiError:
@@ -392,7 +389,7 @@ def _name(value: Any, what: str, characters: tuple[str, re.Pattern[str]]) -> str
     allowed, pattern = characters
     if len(value) > MAX_NAME_LENGTH or not pattern.fullmatch(value):
         raise _unauthenticated(f"{what} must be 1 to {MAX_NAME_LENGTH} characters of {allowed}")
-    if value.startswith(RESERVED_PREFIX):
+    if is_reserved(value):
         raise _unauthenticated(f"{what} starts with {RESERVED_PREFIX!r}, which is reserved for the server")
     return value
 

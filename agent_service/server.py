@@ -43,8 +43,8 @@ from agent_service._auth import (
     AuthConfigError,
     Authentication,
     Authenticator,
-    check_subject,
     is_loopback,
+    is_reserved,
     principal,
 )
 from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal, invalid, temporal_timeout
@@ -56,6 +56,8 @@ from shared import events, telemetry
 from shared.agents import AgentConfig, load_agents, sub_agent_snapshot
 from shared.contract import (
     DECIDE_APPROVAL_UPDATE,
+    ID_CHARACTERS,
+    ID_PATTERN,
     MEMO_AGENT,
     MEMO_APPROVERS,
     MEMO_CONVERSATION,
@@ -130,7 +132,6 @@ _APPROVAL_ERRORS = {ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDI
 # Not 'ContinuedAsNew': that execution's run goes on in the next one, under the same workflow id.
 _ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")  # matched whole (fullmatch): "$" would let a final newline in
 _TENANT_KEY = SearchAttributeKey.for_keyword(TENANT_SEARCH_ATTRIBUTE)
 
 
@@ -262,11 +263,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
         metrics.open_streams.add(1)
         relayed = 0
         try:
-            await self._check_tenant(run_id, caller.tenant)
+            execution = await self._check_tenant(run_id, caller.tenant)
             if span is not None:  # only now: another tenant's run's trace is none of the caller's business
                 await self._link_to_run_trace(span, run_id)
             with self._limits.stream(caller):
-                async for response in self._stream(run_id, after):
+                async for response in self._stream(run_id, after, execution):
                     if relayed == EVENTS_METRIC_BATCH:
                         metrics.stream_events.add(relayed)
                         relayed = 0
@@ -284,16 +285,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if span is not None:
                 span.end()
 
-    async def _check_tenant(self, run_id: str, tenant: str) -> None:
+    async def _check_tenant(self, run_id: str, tenant: str) -> WorkflowExecution | None:
         """NOT_FOUND, as for a run that does not exist, unless the run is the tenant's: by its start mark in Redis
-        when Redis has it, else by Temporal's record."""
+        when Redis has it, else by Temporal's record, which it returns (None when the mark decided)."""
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             mark = await start_mark(self._redis, self._settings.redis_prefix, run_id)
             if mark is not None:
                 if mark.tenant != tenant:
                     raise _no_such_run(run_id)
-                return
-        await self._describe(run_id)
+                return None
+        return await self._describe(run_id)
 
     def _stream_span(self, context: Context, run_id: str) -> trace.Span:
         """StreamRun's server span, in the caller's trace (linked to the run's once the run is the caller's).
@@ -338,7 +339,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
             attributes["agentrun.approval.id"] = approval_id
         span.add_link(run_trace, attributes)
 
-    async def _stream(self, run_id: str, after: int) -> AsyncIterator[pb.StreamRunResponse]:
+    async def _stream(
+        self, run_id: str, after: int, described: WorkflowExecution | None
+    ) -> AsyncIterator[pb.StreamRunResponse]:
+        """The run's events after ``after``; ``described`` is Temporal's record of the run when the tenant check
+        has just asked for it (not asked again)."""
         async with self.relay.watch(run_id) as watch:
             if after > 0:
                 # A client that reconnects gets the approval requests still waiting for
@@ -348,7 +353,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                         yield pb.StreamRunResponse(event=pending)
             if not await is_known(self._redis, self._settings.redis_prefix, run_id):
                 # The run may be unknown, or ended with its stream gone: Temporal knows which.
-                execution = await self._describe(run_id)
+                execution = described or await self._describe(run_id)
                 if _runs.is_finished(execution):
                     for response in await self._rest_of_ended_run(execution, after):
                         yield response
@@ -408,8 +413,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         """Which of ``run_ids`` have ended, per Temporal's visibility store: one query per batch of runs."""
         ended = set()
         for start in range(0, len(run_ids), ENDED_QUERY_BATCH):
-            # Run ids are checked against _ID_PATTERN, so they need no quoting beyond the quotes.
-            ids = ", ".join(f"'{run_id}'" for run_id in run_ids[start : start + ENDED_QUERY_BATCH])
+            ids = ", ".join(_quoted(run_id) for run_id in run_ids[start : start + ENDED_QUERY_BATCH])
             query = f"WorkflowId IN ({ids}) AND ExecutionStatus IN ({_ENDED_STATUSES})"
             async for execution in self._temporal.list_workflows(query, page_size=ENDED_QUERY_BATCH):
                 ended.add(execution.id)
@@ -451,12 +455,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
         # Sub-agents' runs are part of their roots'; a run that continued as new is listed once, by its latest
         # execution.
         query = (
-            f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}' "
+            f"WorkflowType = {_quoted(WORKFLOW_NAME)} AND TaskQueue = {_quoted(self._settings.task_queue)} "
             "AND ParentWorkflowId IS NULL AND ExecutionStatus != 'ContinuedAsNew'"
         )
         caller = principal()
-        if caller.authenticated:  # tenants are checked against the id rules: they need no quoting
-            query += f" AND {TENANT_SEARCH_ATTRIBUTE} = '{caller.tenant}'"
+        if caller.authenticated:
+            query += f" AND {TENANT_SEARCH_ATTRIBUTE} = {_quoted(caller.tenant)}"
         page = self._temporal.list_workflows(
             query,
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
@@ -637,12 +641,12 @@ def approver_of(context: Context) -> str:
     """
     caller = principal()
     if caller.authenticated:
-        return check_subject(caller.subject, "the approver")
+        return caller.subject  # never a reserved name: authentication refuses those
     for key, value in context.invocation_metadata() or ():
         if key == APPROVER_METADATA and isinstance(value, str) and value.strip():
             if len(value) > MAX_ID_LENGTH:
                 raise invalid(APPROVER_METADATA, f"must be at most {MAX_ID_LENGTH} characters")
-            if value.strip().startswith(RESERVED_PREFIX):
+            if is_reserved(value.strip()):
                 raise invalid(APPROVER_METADATA, f"names starting with {RESERVED_PREFIX!r} are the server's own")
             return value.strip()
     raise ApiError(
@@ -740,8 +744,14 @@ def _check_id(field: str, value: str, *, required: bool) -> None:
         if required:
             raise invalid(field, "must not be empty")
         return
-    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.fullmatch(value):
-        raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
+    if len(value) > MAX_ID_LENGTH or not ID_PATTERN.fullmatch(value):
+        raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of {ID_CHARACTERS}")
+
+
+def _quoted(value: str) -> str:
+    """A string literal of a Temporal visibility query. Ids and tenants keep to ID_PATTERN, which has no quote or
+    backslash, but a query is no place to rely on that."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
