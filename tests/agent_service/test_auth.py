@@ -832,3 +832,11 @@ async def test_a_jwks_file_is_looked_at_every_few_seconds_not_on_every_call(
     with pytest.raises(ApiError) as raised:
         await keys.key(first.kid)
     assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_list_runs_quotes_the_values_in_its_query(stack: Stack, issuer: Issuer) -> None:
+    # No id or tenant holds a quote, but a task queue may: the query must stay one query.
+    settings = with_auth(stack.settings, issuer, task_queue="it's a \\ queue")
+    async with server_for(stack, settings) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            assert not (await client.list_runs()).runs
