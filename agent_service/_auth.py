@@ -2,9 +2,9 @@
 
 A caller proves who it is with a bearer JWT (``authorization: Bearer <token>`` metadata: signature, issuer,
 audience and expiry checked, keys from a JWKS file or URL) or, on a server that requires client certificates, with
-its certificate (CN is the subject, O the tenant, rights from configuration). A token wins over the certificate
-it travels with. The result is a ``Principal``, which handlers read through ``principal()`` and never from the
-request. Health and reflection are other services: the interceptor leaves them open.
+its certificate (CN is the subject, O the tenant, rights configured per tenant/subject). A token wins over the
+certificate it travels with. The result is a ``Principal``, which handlers read through ``principal()`` and never
+from the request. Health and reflection are other services: the interceptor leaves them open.
 
 No token is ever logged or echoed: messages say what is wrong with it (expired, wrong audience, bad signature).
 """
@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
+import math
 import os
 import re
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 
+import aiohttp
 import grpc
 import jwt
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from agent_service._errors import ApiError, Context, Handler, StreamBehavior, UnaryBehavior, abort
+from shared.contract import ID_CHARACTERS, ID_PATTERN
 from shared.settings import Settings
 
 log = logging.getLogger("agentrun.server")
@@ -54,16 +59,22 @@ METHOD_RIGHTS = {
 RESERVED_PREFIX = "agentrun:"
 # Clocks of the issuer and this server may disagree by this much.
 CLOCK_SKEW_SECONDS = 30
-# A JWKS URL is fetched again after this long, and at most this often for a key id it does not have.
+# A JWKS URL is fetched again in the background after JWKS_CACHE_SECONDS (callers go on with the keys they have),
+# and at most every JWKS_REFETCH_SECONDS whatever asks (a key id it does not have, a failed fetch), so that neither
+# made-up key ids nor an issuer that is down make it hammer the issuer. One fetch waits at most
+# JWKS_FETCH_TIMEOUT_SECONDS, and reads at most JWKS_MAX_BYTES.
 JWKS_CACHE_SECONDS = 300
 JWKS_REFETCH_SECONDS = 30
 JWKS_FETCH_TIMEOUT_SECONDS = 5
+JWKS_MAX_BYTES = 1 << 20
+# A JWKS file is looked at (stat) at most this often: not on every call, and never on the event loop.
+JWKS_FILE_CHECK_SECONDS = 5
 # Algorithms a JWKS key may name; "none" and the HMAC ones (a shared secret is no public key) are never accepted.
 ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 MAX_NAME_LENGTH = 128
 # Subjects are recorded as approvers; tenants go into Temporal queries and Redis keys, so their rule is the ids'.
 _SUBJECT_CHARACTERS = ("letters, digits and . _ : @ | + -", re.compile(r"[A-Za-z0-9._:@|+\-]+"))
-_TENANT_CHARACTERS = ("letters, digits and . _ : -", re.compile(r"[A-Za-z0-9._:\-]+"))
+_TENANT_CHARACTERS = (ID_CHARACTERS, ID_PATTERN)
 _SERVICE_PREFIX = "/agentrun.v1.AgentService/"
 
 
@@ -97,17 +108,26 @@ def principal() -> Principal:
     return _CURRENT.get()
 
 
-def check_subject(subject: str, what: str) -> str:
-    """A subject as it is recorded; refuses the server's reserved names."""
-    if subject.startswith(RESERVED_PREFIX):
-        raise ApiError(
-            grpc.StatusCode.PERMISSION_DENIED, f"{what}: names starting with {RESERVED_PREFIX!r} are the server's own"
-        )
-    return subject
+def is_reserved(name: str) -> bool:
+    """Whether ``name`` is one of the server's own (the approver "agentrun:timeout"), which no caller may be."""
+    return name.startswith(RESERVED_PREFIX)
 
 
 def _unauthenticated(problem: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+
+def _key_set(text: str) -> jwt.PyJWKSet:
+    """A JWKS document's keys; ValueError (or PyJWKSetError, one) saying what is wrong with it."""
+    document = json.loads(text)
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(key, dict) for key in keys):
+        raise ValueError("not a JWKS document (an object with a 'keys' list of keys)")
+    return jwt.PyJWKSet(keys)  # PyJWKSetError when none of the keys is usable
+
+
+# What a bad key set, file or response, raises: each means "no keys from there now", never a caller's mistake.
+_KEY_SET_ERRORS = (OSError, ValueError, jwt.PyJWKSetError, jwt.PyJWKError, aiohttp.ClientError)
 
 
 class _JwksFile:
@@ -115,53 +135,120 @@ class _JwksFile:
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._stamp: tuple[int, int] | None = None
-        self._keys: jwt.PyJWKSet | None = None
-        self._load()
-
-    def _load(self) -> jwt.PyJWKSet:
+        self._checked = time.monotonic()
         try:
-            stat = os.stat(self._path)
-            if self._keys is None or self._stamp != (stat.st_mtime_ns, stat.st_size):
-                with open(self._path, encoding="utf-8") as file:
-                    self._keys = jwt.PyJWKSet.from_json(file.read())
-                self._stamp = (stat.st_mtime_ns, stat.st_size)
-        except (OSError, ValueError, jwt.PyJWKSetError, jwt.PyJWKError) as err:
-            if self._keys is None:
-                raise AuthConfigError(f"AGENTRUN_AUTH_JWKS: cannot read the JWKS file {self._path}: {err}") from None
-            log.warning("kept the keys read before: cannot read the JWKS file %s: %s", self._path, err)
-        assert self._keys is not None
-        return self._keys
+            self._stamp, keys = self._read(None)
+        except _KEY_SET_ERRORS as err:
+            raise AuthConfigError(f"AGENTRUN_AUTH_JWKS: cannot read the JWKS file {self._path}: {err}") from None
+        assert keys is not None
+        self._keys = keys
+        self._lock = asyncio.Lock()
+
+    def _read(self, stamp: tuple[int, int] | None) -> tuple[tuple[int, int], jwt.PyJWKSet | None]:
+        """The file's stamp, and its keys when the stamp is not ``stamp`` (else None: unchanged)."""
+        stat = os.stat(self._path)
+        now = (stat.st_mtime_ns, stat.st_size)
+        if now == stamp:
+            return now, None
+        with open(self._path, encoding="utf-8") as file:
+            return now, _key_set(file.read())
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
-        return _match(self._load().keys, kid)
+        if time.monotonic() - self._checked >= JWKS_FILE_CHECK_SECONDS:
+            async with self._lock:  # one look at a time; the others use the keys they have meanwhile
+                if time.monotonic() - self._checked >= JWKS_FILE_CHECK_SECONDS:
+                    await self._check()
+        return _match(self._keys.keys, kid)
+
+    async def _check(self) -> None:
+        try:
+            stamp, keys = await asyncio.to_thread(self._read, self._stamp)
+        except _KEY_SET_ERRORS as err:
+            log.warning("kept the keys read before: cannot read the JWKS file %s: %s", self._path, err)
+        else:
+            self._stamp, self._keys = stamp, keys or self._keys
+        self._checked = time.monotonic()
 
 
 class _JwksUrl:
-    """Keys from a JWKS URL: cached, fetched in a thread (PyJWKClient is synchronous), and fetched again for an
-    unknown key id at most every JWKS_REFETCH_SECONDS, so that made-up key ids cannot make it hammer the issuer."""
+    """Keys from a JWKS URL, fetched with a deadline, one fetch at a time, never more often than
+    JWKS_REFETCH_SECONDS. The last good key set is kept through failed fetches (an issuer that is down or answers
+    garbage does not lock out callers whose keys did not change); only while there never was one is a call
+    UNAVAILABLE."""
 
     def __init__(self, url: str) -> None:
         self._url = url
-        self._client = jwt.PyJWKClient(
-            url,
-            cache_jwk_set=True,
-            lifespan=JWKS_CACHE_SECONDS,
-            timeout=JWKS_FETCH_TIMEOUT_SECONDS,
-            cooldown_duration=JWKS_REFETCH_SECONDS,
-        )
+        self._keys: jwt.PyJWKSet | None = None
+        self._fetched = -math.inf  # when the keys were last fetched (monotonic)
+        self._attempted = -math.inf  # when a fetch last started, good or not
+        self._failing = False  # whether the last fetch failed; the warning is logged once per streak
+        self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
+        if self._keys is None:
+            await self._refresh()  # nothing to go on with: the caller waits for the first fetch
+        elif time.monotonic() - self._fetched >= JWKS_CACHE_SECONDS and self._background is None:
+            self._background = asyncio.create_task(self._refresh_in_background())
+        if self._keys is None:
+            raise self._unavailable()
+        if kid is not None and not _has(self._keys, kid) and time.monotonic() - self._attempted >= JWKS_REFETCH_SECONDS:
+            await self._refresh()  # a rotation: the issuer may have a key that this server has not fetched yet
+        if kid is not None and not _has(self._keys, kid) and self._failing:
+            raise self._unavailable()  # the key may be one the issuer has now: no reason to call the token bad
+        return _match(self._keys.keys, kid)
+
+    def _unavailable(self) -> ApiError:
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE, f"the token's keys cannot be fetched from {self._url}; retry later"
+        )
+
+    async def _refresh_in_background(self) -> None:
         try:
-            if kid is None:
-                return _match((await asyncio.to_thread(self._client.get_jwk_set)).keys, None)
-            return await asyncio.to_thread(self._client.get_signing_key, kid)
-        except jwt.PyJWKClientConnectionError:
-            raise ApiError(
-                grpc.StatusCode.UNAVAILABLE, f"the token's keys cannot be fetched from {self._url}; retry later"
-            ) from None
-        except jwt.PyJWKClientError:
-            raise _unauthenticated("the token is signed with a key that this server does not trust") from None
+            await self._refresh()
+        finally:
+            self._background = None
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._attempted < JWKS_REFETCH_SECONDS:
+                return  # another caller has just fetched, or failed to: its outcome stands
+            self._attempted = time.monotonic()
+            try:
+                keys = await self._fetch()
+            except (*_KEY_SET_ERRORS, TimeoutError) as err:
+                if not self._failing:
+                    kept = "kept the keys fetched before" if self._keys is not None else "no keys yet"
+                    log.warning("%s: cannot fetch the JWKS from %s: %s", kept, self._url, _problem(err))
+                self._failing = True
+                return
+            if self._failing:
+                log.info("fetched the JWKS from %s again", self._url)
+            self._keys, self._fetched, self._failing = keys, time.monotonic(), False
+
+    async def _fetch(self) -> jwt.PyJWKSet:
+        timeout = aiohttp.ClientTimeout(total=JWKS_FETCH_TIMEOUT_SECONDS)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(self._url) as response:
+            response.raise_for_status()
+            body = b""
+            async for chunk in response.content.iter_chunked(1 << 16):
+                body += chunk
+                if len(body) > JWKS_MAX_BYTES:
+                    raise ValueError(f"the response is larger than {JWKS_MAX_BYTES} bytes")
+        return _key_set(body.decode())
+
+
+def _has(keys: jwt.PyJWKSet, kid: str) -> bool:
+    return any(key.key_id == kid for key in keys.keys)
+
+
+def _problem(err: BaseException) -> str:
+    """What went wrong with a fetch, for the log (aiohttp's own words for a status would repeat the URL)."""
+    if isinstance(err, TimeoutError):
+        return f"no answer within {JWKS_FETCH_TIMEOUT_SECONDS} s"
+    if isinstance(err, aiohttp.ClientResponseError):
+        return f"HTTP {err.status}"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 def is_loopback(host: str) -> bool:
@@ -205,7 +292,7 @@ class Authenticator:
     audience: str
     tenant_claim: str
     keys: _JwksFile | _JwksUrl | None
-    # Rights of certificate subjects (CN), "*" for any other certificate; None when no certificate identifies.
+    # Rights of certificates by "tenant/subject" (O/CN), "*" for any other; None when no certificate identifies.
     certificate_rights: dict[str, frozenset[str]] | None = None
 
     @classmethod
@@ -291,7 +378,8 @@ class Authenticator:
         subject = _name(attribute(NameOID.COMMON_NAME), "the client certificate's CN", _SUBJECT_CHARACTERS)
         organization = attribute(NameOID.ORGANIZATION_NAME)
         tenant = _name(organization, "the client certificate's O (its tenant)", _TENANT_CHARACTERS)
-        rights = self.certificate_rights.get(subject, self.certificate_rights.get("*", frozenset()))
+        # By tenant and subject together: the same CN in another tenant is another principal.
+        rights = self.certificate_rights.get(f"{tenant}/{subject}", self.certificate_rights.get("*", frozenset()))
         return Principal(subject, tenant, rights)
 
 
@@ -301,24 +389,26 @@ def _name(value: Any, what: str, characters: tuple[str, re.Pattern[str]]) -> str
     allowed, pattern = characters
     if len(value) > MAX_NAME_LENGTH or not pattern.fullmatch(value):
         raise _unauthenticated(f"{what} must be 1 to {MAX_NAME_LENGTH} characters of {allowed}")
-    if value.startswith(RESERVED_PREFIX):
+    if is_reserved(value):
         raise _unauthenticated(f"{what} starts with {RESERVED_PREFIX!r}, which is reserved for the server")
     return value
 
 
 def parse_certificate_rights(text: str) -> dict[str, frozenset[str]]:
-    """``"billing-bot=runs:start runs:read; approver=approvals:decide; *=runs:read"``: each certificate subject
-    (CN), or ``*`` for any other, and its rights."""
+    """``"acme/billing-bot=runs:start runs:read; acme/approver=approvals:decide; *=runs:read"``: each certificate's
+    tenant and subject (O/CN), or ``*`` for any other certificate, and its rights."""
     rights: dict[str, frozenset[str]] = {}
     for entry in filter(None, (part.strip() for part in text.split(";"))):
-        subject, equals, granted = entry.partition("=")
+        holder, equals, granted = (part.strip() for part in entry.partition("="))
+        tenant, slash, subject = holder.partition("/")
         unknown = set(granted.split()) - set(RIGHTS)
-        if not equals or not subject.strip() or unknown:
+        if not equals or (holder != "*" and not (tenant and slash and subject)) or unknown:
             raise AuthConfigError(
-                f"AGENTRUN_AUTH_CLIENT_RIGHTS: {entry!r} must be 'CN=right right ...' with rights among "
-                f"{', '.join(RIGHTS)}" + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
+                f"AGENTRUN_AUTH_CLIENT_RIGHTS: {entry!r} must be 'tenant/subject=right right ...' (the certificate's "
+                f"O/CN) or '*=...', with rights among {', '.join(RIGHTS)}"
+                + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
             )
-        rights[subject.strip()] = frozenset(granted.split())
+        rights[holder] = frozenset(granted.split())
     return rights
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from agent_service._errors import ApiError
 
 # When a principal holds all its streams, nothing says when one ends: this is the retry delay suggested.
 STREAM_RETRY_SECONDS = 1.0
-# Buckets kept before full ones (principals idle long enough to have every token back) are forgotten.
+# Buckets kept; past this many, the least recently used is forgotten (its principal starts again with a full one).
 _MAX_BUCKETS = 10_000
 
 
@@ -39,7 +40,7 @@ class Limits:
         self.starts_per_second = starts_per_second
         self.start_burst = max(1, start_burst)
         self._streams: dict[str, int] = {}
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently used first
 
     def take_start(self, caller: Principal) -> None:
         """Takes one StartRun from the caller's bucket, or raises RESOURCE_EXHAUSTED saying when to retry."""
@@ -48,9 +49,11 @@ class Limits:
         now = time.monotonic()
         bucket = self._buckets.get(caller.key)
         if bucket is None:
-            if len(self._buckets) >= _MAX_BUCKETS:
-                self._forget_full_buckets(now)
             bucket = self._buckets[caller.key] = _Bucket(self.start_burst, now)
+            if len(self._buckets) > _MAX_BUCKETS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(caller.key)
         bucket.tokens = min(self.start_burst, bucket.tokens + (now - bucket.updated) * self.starts_per_second)
         bucket.updated = now
         if bucket.tokens >= 1:
@@ -65,12 +68,6 @@ class Limits:
             f"{self.start_burst}); retry in {wait:.3f} s",
             retry_after=wait,
         )
-
-    def _forget_full_buckets(self, now: float) -> None:
-        full_after = self.start_burst / self.starts_per_second
-        for key, bucket in list(self._buckets.items()):
-            if now - bucket.updated >= full_after:
-                del self._buckets[key]
 
     @contextlib.contextmanager
     def stream(self, caller: Principal) -> Iterator[None]:

@@ -43,8 +43,8 @@ from agent_service._auth import (
     AuthConfigError,
     Authentication,
     Authenticator,
-    check_subject,
     is_loopback,
+    is_reserved,
     principal,
 )
 from agent_service._errors import ApiError, Context, ErrorMapping, from_temporal, invalid, temporal_timeout
@@ -56,6 +56,8 @@ from shared import events, telemetry
 from shared.agents import AgentConfig, load_agents, sub_agent_snapshot
 from shared.contract import (
     DECIDE_APPROVAL_UPDATE,
+    ID_CHARACTERS,
+    ID_PATTERN,
     MEMO_AGENT,
     MEMO_APPROVERS,
     MEMO_CONVERSATION,
@@ -130,7 +132,6 @@ _APPROVAL_ERRORS = {ErrorType.APPROVAL_CONFLICT: grpc.StatusCode.FAILED_PRECONDI
 # Not 'ContinuedAsNew': that execution's run goes on in the next one, under the same workflow id.
 _ENDED_STATUSES = "'Completed', 'Failed', 'Canceled', 'Terminated', 'TimedOut'"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")  # matched whole (fullmatch): "$" would let a final newline in
 _TENANT_KEY = SearchAttributeKey.for_keyword(TENANT_SEARCH_ATTRIBUTE)
 
 
@@ -257,14 +258,16 @@ class AgentService(pb_grpc.AgentServiceServicer):
         run_id, after = request.run_id, request.after_sequence
         telemetry.current_run_id.set(run_id)
         caller = principal()
-        span = await self._stream_span(context, run_id) if telemetry.enabled() else None
+        span = self._stream_span(context, run_id) if telemetry.enabled() else None
         metrics = telemetry.instruments()
         metrics.open_streams.add(1)
         relayed = 0
         try:
-            await self._check_tenant(run_id, caller.tenant)
+            execution = await self._check_tenant(run_id, caller.tenant)
+            if span is not None:  # only now: another tenant's run's trace is none of the caller's business
+                await self._link_to_run_trace(span, run_id)
             with self._limits.stream(caller):
-                async for response in self._stream(run_id, after):
+                async for response in self._stream(run_id, after, execution):
                     if relayed == EVENTS_METRIC_BATCH:
                         metrics.stream_events.add(relayed)
                         relayed = 0
@@ -282,19 +285,19 @@ class AgentService(pb_grpc.AgentServiceServicer):
             if span is not None:
                 span.end()
 
-    async def _check_tenant(self, run_id: str, tenant: str) -> None:
+    async def _check_tenant(self, run_id: str, tenant: str) -> WorkflowExecution | None:
         """NOT_FOUND, as for a run that does not exist, unless the run is the tenant's: by its start mark in Redis
-        when Redis has it, else by Temporal's record."""
+        when Redis has it, else by Temporal's record, which it returns (None when the mark decided)."""
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             mark = await start_mark(self._redis, self._settings.redis_prefix, run_id)
             if mark is not None:
                 if mark.tenant != tenant:
                     raise _no_such_run(run_id)
-                return
-        await self._describe(run_id)
+                return None
+        return await self._describe(run_id)
 
-    async def _stream_span(self, context: Context, run_id: str) -> trace.Span:
-        """StreamRun's server span, in the caller's trace and linked to the run's.
+    def _stream_span(self, context: Context, run_id: str) -> trace.Span:
+        """StreamRun's server span, in the caller's trace (linked to the run's once the run is the caller's).
 
         Made here rather than by the gRPC instrumentation, whose span is the current one across the stream's
         yields: a client that goes away closes the stream from another context, where detaching it fails. This
@@ -303,15 +306,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         from opentelemetry import propagate
 
         carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        links = []
-        run_trace = await self._run_trace(run_id)
-        if run_trace is not None:
-            links.append(trace.Link(run_trace, {"agentrun.run_id": run_id}))
         return telemetry.tracer().start_span(
             f"/{SERVICE_NAME}/StreamRun",
             context=propagate.extract(carrier),
             kind=trace.SpanKind.SERVER,
-            links=links,
             attributes={
                 "rpc.system": "grpc",
                 "rpc.service": SERVICE_NAME,
@@ -327,9 +325,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
             return telemetry.span_context_of(mark.traceparent) if mark is not None else None
         return None
 
-    async def _link_to_run_trace(self, run_id: str, approval_id: str = "") -> None:
+    async def _link_to_run_trace(self, span: trace.Span, run_id: str, approval_id: str = "") -> None:
         """Links the call's span to the trace of the run it is about (a watcher's or approver's call has a trace of
-        its own): to the span of the StartRun that started it, or to the approval's request span."""
+        its own): to the span of the StartRun that started it, or to the approval's request span. Only once the run
+        is known to be the caller's tenant's."""
         run_trace = await self._run_trace(run_id)
         if run_trace is None:
             return
@@ -338,9 +337,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
             span_id = telemetry.approval_span_id(run_id, approval_id)
             run_trace = trace.SpanContext(run_trace.trace_id, span_id, True, run_trace.trace_flags)
             attributes["agentrun.approval.id"] = approval_id
-        trace.get_current_span().add_link(run_trace, attributes)
+        span.add_link(run_trace, attributes)
 
-    async def _stream(self, run_id: str, after: int) -> AsyncIterator[pb.StreamRunResponse]:
+    async def _stream(
+        self, run_id: str, after: int, described: WorkflowExecution | None
+    ) -> AsyncIterator[pb.StreamRunResponse]:
+        """The run's events after ``after``; ``described`` is Temporal's record of the run when the tenant check
+        has just asked for it (not asked again)."""
         async with self.relay.watch(run_id) as watch:
             if after > 0:
                 # A client that reconnects gets the approval requests still waiting for
@@ -350,7 +353,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                         yield pb.StreamRunResponse(event=pending)
             if not await is_known(self._redis, self._settings.redis_prefix, run_id):
                 # The run may be unknown, or ended with its stream gone: Temporal knows which.
-                execution = await self._describe(run_id)
+                execution = described or await self._describe(run_id)
                 if _runs.is_finished(execution):
                     for response in await self._rest_of_ended_run(execution, after):
                         yield response
@@ -410,8 +413,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         """Which of ``run_ids`` have ended, per Temporal's visibility store: one query per batch of runs."""
         ended = set()
         for start in range(0, len(run_ids), ENDED_QUERY_BATCH):
-            # Run ids are checked against _ID_PATTERN, so they need no quoting beyond the quotes.
-            ids = ", ".join(f"'{run_id}'" for run_id in run_ids[start : start + ENDED_QUERY_BATCH])
+            ids = ", ".join(_quoted(run_id) for run_id in run_ids[start : start + ENDED_QUERY_BATCH])
             query = f"WorkflowId IN ({ids}) AND ExecutionStatus IN ({_ENDED_STATUSES})"
             async for execution in self._temporal.list_workflows(query, page_size=ENDED_QUERY_BATCH):
                 ended.add(execution.id)
@@ -453,12 +455,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
         # Sub-agents' runs are part of their roots'; a run that continued as new is listed once, by its latest
         # execution.
         query = (
-            f"WorkflowType = '{WORKFLOW_NAME}' AND TaskQueue = '{self._settings.task_queue}' "
+            f"WorkflowType = {_quoted(WORKFLOW_NAME)} AND TaskQueue = {_quoted(self._settings.task_queue)} "
             "AND ParentWorkflowId IS NULL AND ExecutionStatus != 'ContinuedAsNew'"
         )
         caller = principal()
-        if caller.authenticated:  # tenants are checked against the id rules: they need no quoting
-            query += f" AND {TENANT_SEARCH_ATTRIBUTE} = '{caller.tenant}'"
+        if caller.authenticated:
+            query += f" AND {TENANT_SEARCH_ATTRIBUTE} = {_quoted(caller.tenant)}"
         page = self._temporal.list_workflows(
             query,
             page_size=request.page_size or DEFAULT_PAGE_SIZE,
@@ -501,9 +503,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise invalid("arguments_sha256", "must be 64 lowercase hexadecimal digits")
         approver = approver_of(context)
         telemetry.current_run_id.set(request.run_id)
-        if telemetry.enabled():
-            await self._link_to_run_trace(request.run_id, request.approval_id)
         execution = await self._describe(request.run_id)
+        if telemetry.enabled():
+            await self._link_to_run_trace(trace.get_current_span(), request.run_id, request.approval_id)
         # A sub-agent's approval is answered through the root's id, and decided by the sub-agent's run, under the
         # sub-agent's approvers.
         asking = await self._asking_run(execution, request.approval_id)
@@ -649,12 +651,12 @@ def approver_of(context: Context) -> str:
     """
     caller = principal()
     if caller.authenticated:
-        return check_subject(caller.subject, "the approver")
+        return caller.subject  # never a reserved name: authentication refuses those
     for key, value in context.invocation_metadata() or ():
         if key == APPROVER_METADATA and isinstance(value, str) and value.strip():
             if len(value) > MAX_ID_LENGTH:
                 raise invalid(APPROVER_METADATA, f"must be at most {MAX_ID_LENGTH} characters")
-            if value.strip().startswith(RESERVED_PREFIX):
+            if is_reserved(value.strip()):
                 raise invalid(APPROVER_METADATA, f"names starting with {RESERVED_PREFIX!r} are the server's own")
             return value.strip()
     raise ApiError(
@@ -752,8 +754,14 @@ def _check_id(field: str, value: str, *, required: bool) -> None:
         if required:
             raise invalid(field, "must not be empty")
         return
-    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.fullmatch(value):
-        raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of letters, digits and . _ : -")
+    if len(value) > MAX_ID_LENGTH or not ID_PATTERN.fullmatch(value):
+        raise invalid(field, f"must be 1 to {MAX_ID_LENGTH} characters of {ID_CHARACTERS}")
+
+
+def _quoted(value: str) -> str:
+    """A string literal of a Temporal visibility query. Ids and tenants keep to ID_PATTERN, which has no quote or
+    backslash, but a query is no place to rely on that."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -804,8 +812,9 @@ async def serve(
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; port 0 picks a free port. Returns the server and its port; stop it with ``shutdown``.
 
-    Without authentication settings the server authenticates no one, so it listens only on a loopback address
-    unless ``insecure`` says that this is meant. AuthConfigError names a setting that is missing or unreadable.
+    Without authentication settings the server authenticates no one, and with them but without TLS the tokens
+    travel in plaintext: either way it listens only on a loopback address unless ``insecure`` says that this is
+    meant. AuthConfigError names a setting that is missing or unreadable.
     """
     authenticator = Authenticator.from_settings(settings)
     credentials = _credentials(settings)
@@ -814,6 +823,12 @@ async def serve(
             f"refusing to listen on {host} without authentication: set AGENTRUN_AUTH_JWKS (with AGENTRUN_AUTH_ISSUER "
             "and AGENTRUN_AUTH_AUDIENCE) or AGENTRUN_TLS_CLIENT_CA, or pass --insecure to let anyone who can reach "
             "the port read, start, approve and cancel every run"
+        )
+    if authenticator is not None and credentials is None and not insecure and not is_loopback(host):
+        raise AuthConfigError(
+            f"refusing to listen on {host} in plaintext with authentication: tokens would cross the network readable "
+            "by anyone on the way; set AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY, or pass --insecure if something "
+            "in front of the server (a mesh, a proxy) encrypts the traffic"
         )
     if authenticator is not None and not settings.run_id_secret:
         raise AuthConfigError(
@@ -852,6 +867,14 @@ async def serve(
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _RUNNING[server] = (health_servicer, service.relay)
+    log.info(
+        "AgentService listening on %s:%d (task queue %r; %s; %s)",
+        host,
+        bound,
+        settings.task_queue,
+        "TLS" if credentials else "plaintext",
+        "callers authenticated" if authenticator else "NO authentication",
+    )
     return server, bound
 
 
@@ -873,18 +896,7 @@ async def run_server(
 ) -> None:
     stop = stop or stop_on_signals()
     telemetry.setup("agentrun-server")
-    server, bound = await serve(settings, port=port, host=host, insecure=insecure)
-    authenticated = settings.auth_jwks or settings.tls_client_ca
-    log.info(
-        "AgentService listening on %s:%d (task queue %r; %s; %s)",
-        host,
-        bound,
-        settings.task_queue,
-        "TLS" if settings.tls_cert else "plaintext",
-        "callers authenticated" if authenticated else "NO authentication",
-    )
-    if authenticated and not settings.tls_cert and not is_loopback(host):
-        log.warning("tokens reach this server in plaintext: give it AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY")
+    server, _ = await serve(settings, port=port, host=host, insecure=insecure)
     await stop.wait()
     log.info("server shutting down")
     await shutdown(server)

@@ -42,7 +42,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     server.add_argument(
         "--insecure",
         action="store_true",
-        help="listen on a non-loopback --host without authentication: anyone who reaches the port can do anything",
+        help="listen on a non-loopback --host without authentication (anyone who reaches the port can do anything), "
+        "or with it but without TLS (tokens cross the network in plaintext)",
     )
     server.set_defaults(main=_server)
     worker = commands.add_parser("worker", help="run the worker service (TEMPORAL_ADDRESS, REDIS_URL, OPENAI_* ...)")

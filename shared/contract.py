@@ -7,6 +7,7 @@ histories hold. Nothing here imports ``openai``, ``redis`` or the tools.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -15,6 +16,11 @@ from typing import Any
 from shared.agents import AgentConfig
 
 # The server starts and updates the workflow by these names, without importing the workflow's code.
+# The characters of ids (run_id, request_id, conversation_id, agent) and of tenants, which go into Temporal queries
+# and Redis keys: one rule for all, matched whole (fullmatch: "$" would let a final newline in).
+ID_CHARACTERS = "letters, digits and . _ : -"
+ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]+")
+
 WORKFLOW_NAME = "AgentRunWorkflow"
 DECIDE_APPROVAL_UPDATE = "decide_approval"
 

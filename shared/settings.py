@@ -49,7 +49,8 @@ class Settings:
     auth_audience: str | None = None
     # The token claim that names the caller's tenant.
     auth_tenant_claim: str = "tenant"
-    # Rights of client certificates by subject CN ("bot=runs:start runs:read; *=runs:read").
+    # Rights of client certificates by tenant and subject, O/CN ("acme/bot=runs:start runs:read; *=runs:read"):
+    # the same CN in another tenant is someone else.
     auth_client_rights: str = ""
     # The server's TLS certificate chain and key (PEM files); with a client CA, every caller must present a
     # certificate that the CA signed (mutual TLS).

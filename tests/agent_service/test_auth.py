@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -18,8 +18,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 
+from agent_service import _auth, _limits
 from agent_service._auth import AuthConfigError
-from agent_service.server import serve
+from agent_service._errors import ApiError
+from agent_service.server import serve, shutdown
 from agentrun.client import AgentRunClient, tls_credentials
 from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
@@ -359,6 +361,25 @@ async def test_a_server_without_authentication_refuses_other_than_loopback_unles
     assert "--insecure" in str(raised.value)
 
 
+async def test_an_authenticating_server_without_tls_refuses_other_than_loopback_unless_insecure(
+    stack: Stack, issuer: Issuer
+) -> None:
+    settings = with_auth(stack.settings, issuer)
+    with pytest.raises(AuthConfigError) as raised:
+        await serve(settings, port=0, host="0.0.0.0", temporal=stack.temporal, redis_client=stack.redis)
+    assert str(raised.value).startswith("refusing to listen on 0.0.0.0 in plaintext with authentication")
+    assert "AGENTRUN_TLS_CERT" in str(raised.value) and "--insecure" in str(raised.value)
+
+    server, port = await serve(
+        settings, port=0, host="0.0.0.0", temporal=stack.temporal, redis_client=stack.redis, insecure=True
+    )
+    try:
+        async with AgentRunClient(f"127.0.0.1:{port}", token=issuer.token(), retry_budget_seconds=0) as client:
+            assert [agent.name for agent in await client.list_agents()][:1] == ["assistant"]
+    finally:
+        await shutdown(server, grace=0)
+
+
 async def test_authentication_needs_the_run_id_secret_and_the_issuer(stack: Stack, issuer: Issuer) -> None:
     settings = with_auth(stack.settings, issuer, run_id_secret=None)
     with pytest.raises(AuthConfigError) as raised:
@@ -368,6 +389,18 @@ async def test_authentication_needs_the_run_id_secret_and_the_issuer(stack: Stac
     with pytest.raises(AuthConfigError) as raised:
         await serve(replace(settings, auth_issuer=None), port=0, temporal=stack.temporal, redis_client=stack.redis)
     assert str(raised.value) == "AGENTRUN_AUTH_ISSUER and AGENTRUN_AUTH_AUDIENCE are needed with AGENTRUN_AUTH_JWKS"
+
+
+def test_certificate_rights_are_configured_per_tenant_and_subject() -> None:
+    rights = _auth.parse_certificate_rights("acme/approver=approvals:decide; *=runs:read")
+    assert rights == {"acme/approver": frozenset({"approvals:decide"}), "*": frozenset({"runs:read"})}
+
+    # A CN alone would grant its rights to that CN in every tenant: refused, saying what to write.
+    with pytest.raises(AuthConfigError) as raised:
+        _auth.parse_certificate_rights("approver=approvals:decide")
+    assert str(raised.value).startswith(
+        "AGENTRUN_AUTH_CLIENT_RIGHTS: 'approver=approvals:decide' must be 'tenant/subject=right right ...'"
+    )
 
 
 # Mutual TLS: the client certificate names the caller.
@@ -389,7 +422,7 @@ async def tls_server(stack: Stack, issuer: Issuer, tmp_path: Path) -> AsyncItera
         tls_cert=str(server_cert.cert_file),
         tls_key=str(server_cert.key_file),
         tls_client_ca=str(ca.cert_file),
-        auth_client_rights="reader=runs:read; starter=runs:start runs:read",
+        auth_client_rights="globex/reader=runs:read; acme/starter=runs:start runs:read",
     )
     async with server_for(stack, settings) as address:
         yield TlsServer(address.replace("127.0.0.1", "localhost"), ca)
@@ -444,6 +477,15 @@ async def test_a_client_certificate_names_subject_tenant_and_its_configured_righ
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # another tenant's run
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await reader.start_run("assistant", "hi")
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # Rights are a tenant's subject's: the same CN in another tenant gets none of acme's starter's.
+    async with mtls_client(tls_server, tls_server.ca, "starter", "globex") as namesake:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await namesake.start_run("assistant", "hi")
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await namesake.list_agents()
         assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # A subject with no configured rights may do nothing; a token sent along decides instead of the certificate.
@@ -571,7 +613,10 @@ async def test_start_run_is_rate_limited_per_principal_saying_when_to_retry(stac
 # Where the keys come from.
 
 
-async def test_a_rotated_jwks_file_is_read_again_without_a_restart(auth_stack: AuthStack, tmp_path: Path) -> None:
+async def test_a_rotated_jwks_file_is_read_again_without_a_restart(
+    auth_stack: AuthStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_auth, "JWKS_FILE_CHECK_SECONDS", 0)  # looked at on every call, not every few seconds
     rotated = Issuer(tmp_path / "next.json")
     rotated.jwks_file.replace(auth_stack.issuer.jwks_file)  # the operator writes the new key set in its place
 
@@ -586,28 +631,58 @@ async def test_a_rotated_jwks_file_is_read_again_without_a_restart(auth_stack: A
 
 @dataclass
 class JwksEndpoint:
+    """What the endpoint answers (``mode``: "keys", or one of BAD_JWKS), from which JWKS file, and how often it
+    was asked."""
+
     url: str
+    source: Path
+    mode: str = "keys"
     fetches: int = 0
+    fetched: asyncio.Event = field(default_factory=asyncio.Event)  # set on every fetch
+
+
+# Answers of an issuer that is down or broken, none of them a key set.
+BAD_JWKS = {
+    "html": lambda: web.Response(text="<html>Service Unavailable</html>", content_type="text/html"),
+    "no usable keys": lambda: web.json_response({"keys": [{"kty": "nonsense", "kid": "x"}]}),
+    "no object": lambda: web.json_response(["keys"]),
+    "error 503": lambda: web.Response(status=503, text="down for maintenance"),
+}
 
 
 @pytest.fixture
 async def jwks_endpoint(issuer: Issuer) -> AsyncIterator[JwksEndpoint]:
-    """The issuer's JWKS served over HTTP on loopback, counting the fetches."""
-    endpoint = JwksEndpoint("")
+    """The issuer's JWKS served over HTTP on loopback, counting the fetches; it can be made to answer garbage,
+    reset the connection halfway through the body, or never answer."""
+    endpoint = JwksEndpoint("", issuer.jwks_file)
+    never = asyncio.Event()
 
-    async def keys(request: web.Request) -> web.Response:
+    async def keys(request: web.Request) -> web.StreamResponse:
         endpoint.fetches += 1
-        return web.Response(text=issuer.jwks_file.read_text(), content_type="application/json")
+        endpoint.fetched.set()
+        if endpoint.mode in BAD_JWKS:
+            return BAD_JWKS[endpoint.mode]()
+        if endpoint.mode == "hang":
+            await never.wait()
+        if endpoint.mode == "reset":
+            response = web.StreamResponse(headers={"Content-Length": "1000"})
+            await response.prepare(request)
+            await response.write(b'{"keys": [')
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        return web.Response(text=endpoint.source.read_text(), content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/jwks.json", keys)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     endpoint.url = f"http://127.0.0.1:{port}/jwks.json"
     yield endpoint
+    never.set()  # a hanging answer ends, so that the runner can stop
     await runner.cleanup()
 
 
@@ -642,6 +717,67 @@ async def test_an_unreachable_jwks_url_is_unavailable_naming_it(stack: Stack, is
     assert details(raised.value) == f"the token's keys cannot be fetched from {url}; retry later"
 
 
+@pytest.mark.parametrize("mode", [*sorted(BAD_JWKS), "reset", "hang"])
+async def test_a_jwks_url_answering_no_key_set_is_unavailable_naming_it(
+    stack: Stack, issuer: Issuer, jwks_endpoint: JwksEndpoint, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    monkeypatch.setattr(_auth, "JWKS_FETCH_TIMEOUT_SECONDS", 0.5)
+    jwks_endpoint.mode = mode
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=jwks_endpoint.url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.list_agents()
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(raised.value) == f"the token's keys cannot be fetched from {jwks_endpoint.url}; retry later"
+
+
+async def test_calls_waiting_on_a_jwks_url_that_does_not_answer_share_one_fetch_and_remember_its_failure(
+    stack: Stack, issuer: Issuer, jwks_endpoint: JwksEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_auth, "JWKS_FETCH_TIMEOUT_SECONDS", 0.5)
+    jwks_endpoint.mode = "hang"
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=jwks_endpoint.url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            calls = await asyncio.gather(*(client.list_agents() for _ in range(5)), return_exceptions=True)
+            assert {err.code() for err in calls if isinstance(err, grpc.aio.AioRpcError)} == {
+                grpc.StatusCode.UNAVAILABLE
+            }
+            assert len(calls) == 5 and all(isinstance(err, grpc.aio.AioRpcError) for err in calls)
+            # Within JWKS_REFETCH_SECONDS of the failed fetch, a call is answered at once, without another.
+            jwks_endpoint.mode = "keys"
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.list_agents()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert jwks_endpoint.fetches == 1
+
+
+async def test_keys_from_a_jwks_url_outlive_their_cache_through_an_issuer_that_fails_and_follow_a_rotation(
+    stack: Stack, issuer: Issuer, jwks_endpoint: JwksEndpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Every call finds the keys due for a refresh, and nothing holds a refresh back.
+    monkeypatch.setattr(_auth, "JWKS_CACHE_SECONDS", 0)
+    monkeypatch.setattr(_auth, "JWKS_REFETCH_SECONDS", 0)
+    rotated = Issuer(tmp_path / "rotated.json")
+    async with server_for(stack, with_auth(stack.settings, issuer, auth_jwks=jwks_endpoint.url)) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            await client.list_agents()
+            for mode in [*sorted(BAD_JWKS), "reset"]:
+                jwks_endpoint.mode = mode
+                jwks_endpoint.fetched.clear()
+                await client.list_agents()  # the refresh runs behind the call, which goes on with the keys it has
+                await jwks_endpoint.fetched.wait()
+                for _ in range(3):
+                    await client.list_agents()
+        # A key the server has not fetched, while the issuer fails: maybe the issuer's newest, so no "bad key".
+        async with AgentRunClient(address, token=rotated.token(), retry_budget_seconds=0) as newcomer:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await newcomer.list_agents()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            # The issuer rotates its key: the new key id makes the server fetch it.
+            jwks_endpoint.mode, jwks_endpoint.source = "keys", rotated.jwks_file
+            await newcomer.list_agents()
+
+
 async def test_a_plaintext_jwks_url_elsewhere_than_loopback_is_refused(stack: Stack, issuer: Issuer) -> None:
     settings = with_auth(stack.settings, issuer, auth_jwks="http://issuer.example/jwks.json")
     with pytest.raises(AuthConfigError) as raised:
@@ -665,3 +801,42 @@ async def test_a_namespace_without_the_tenant_search_attribute_is_refused_at_sta
         f"the Temporal namespace {namespace!r} lacks the search attribute AgentrunTenant that tenants' runs carry: "
         f"temporal operator search-attribute create --namespace {namespace} --name AgentrunTenant --type Keyword"
     )
+
+
+def test_rate_limit_buckets_past_the_cap_forget_the_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_limits, "_MAX_BUCKETS", 2)
+    limits = _limits.Limits(max_streams=0, starts_per_second=0.001, start_burst=1)
+    ada, bob, eve = (_auth.Principal(name, "acme", frozenset()) for name in ["ada", "bob", "eve"])
+    limits.take_start(ada)
+    limits.take_start(bob)
+    with pytest.raises(ApiError):
+        limits.take_start(ada)  # ada's bucket is empty, and now the most recently used
+
+    limits.take_start(eve)  # a third bucket: bob's, the least recently used, goes
+
+    with pytest.raises(ApiError):
+        limits.take_start(ada)
+    limits.take_start(bob)  # forgotten: a full bucket again
+
+
+async def test_a_jwks_file_is_looked_at_every_few_seconds_not_on_every_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = Issuer(tmp_path / "jwks.json")
+    keys = _auth._JwksFile(str(first.jwks_file))
+    Issuer(tmp_path / "next.json").jwks_file.replace(first.jwks_file)
+
+    assert (await keys.key(first.kid)).key_id == first.kid  # within JWKS_FILE_CHECK_SECONDS: not looked at
+
+    monkeypatch.setattr(_auth, "JWKS_FILE_CHECK_SECONDS", 0)
+    with pytest.raises(ApiError) as raised:
+        await keys.key(first.kid)
+    assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_list_runs_quotes_the_values_in_its_query(stack: Stack, issuer: Issuer) -> None:
+    # No id or tenant holds a quote, but a task queue may: the query must stay one query.
+    settings = with_auth(stack.settings, issuer, task_queue="it's a \\ queue")
+    async with server_for(stack, settings) as address:
+        async with AgentRunClient(address, token=issuer.token(), retry_budget_seconds=0) as client:
+            assert not (await client.list_runs()).runs

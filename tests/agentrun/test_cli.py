@@ -473,7 +473,7 @@ async def test_the_cli_calls_a_tls_server_with_a_token_or_a_client_certificate(
         tls_cert=str(server_cert.cert_file),
         tls_key=str(server_cert.key_file),
         tls_client_ca=str(ca.cert_file),
-        auth_client_rights="ops-bot=runs:read",
+        auth_client_rights="acme/ops-bot=runs:read",
     )
     async with server_for(stack, settings) as address:
         server = address.replace("127.0.0.1", "localhost")
