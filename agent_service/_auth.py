@@ -12,6 +12,7 @@ No token is ever logged or echoed: messages say what is wrong with it (expired, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -203,6 +204,13 @@ class _JwksUrl:
             grpc.StatusCode.UNAVAILABLE, f"the token's keys cannot be fetched from {self._url}; retry later"
         )
 
+    async def close(self) -> None:
+        """Stops a refresh under way: the server is shutting down."""
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+
     async def _refresh_in_background(self) -> None:
         try:
             await self._refresh()
@@ -314,6 +322,10 @@ class Authenticator:
             keys = _JwksUrl(source) if source.startswith(("https://", "http://")) else _JwksFile(source)
         rights = parse_certificate_rights(settings.auth_client_rights) if settings.tls_client_ca else None
         return cls(settings.auth_issuer or "", settings.auth_audience or "", settings.auth_tenant_claim, keys, rights)
+
+    async def close(self) -> None:
+        if isinstance(self.keys, _JwksUrl):
+            await self.keys.close()
 
     async def authenticate(self, metadata: Iterable[tuple[str, Any]], auth_context: Mapping[str, Any]) -> Principal:
         tokens = [value for key, value in metadata if key == "authorization"]

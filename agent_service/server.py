@@ -866,7 +866,7 @@ async def serve(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _RUNNING[server] = (health_servicer, service.relay)
+    _RUNNING[server] = (health_servicer, service.relay, authenticator)
     log.info(
         "AgentService listening on %s:%d (task queue %r; %s; %s)",
         host,
@@ -879,16 +879,18 @@ async def serve(
 
 
 # What shutdown() needs of each server that serve() started.
-_RUNNING: dict[grpc.aio.Server, tuple[health.aio.HealthServicer, StreamRelay]] = {}
+_RUNNING: dict[grpc.aio.Server, tuple[health.aio.HealthServicer, StreamRelay, Authenticator | None]] = {}
 
 
 async def shutdown(server: grpc.aio.Server, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
     """Stops the server the documented way: health says NOT_SERVING, open streams end at once with UNAVAILABLE (a
     client resumes on another replica), and unary calls in flight get ``grace`` seconds to finish."""
-    health_servicer, relay = _RUNNING.pop(server)
+    health_servicer, relay, authenticator = _RUNNING.pop(server)
     await health_servicer.enter_graceful_shutdown()
     await relay.close()
     await server.stop(grace)
+    if authenticator is not None:
+        await authenticator.close()
 
 
 async def run_server(
