@@ -230,13 +230,18 @@ def _check_sub_agents(path: Path, agents: dict[str, AgentConfig]) -> None:
         visit(name, [])
 
 
-def _agent(name: str, spec: Any) -> AgentConfig:
+def _mapping(spec: Any, known: set[str]) -> dict[str, Any]:
+    """A copy of one entry of the file, refusing keys it does not know."""
     if not isinstance(spec, dict):
         raise ValueError("must be a mapping")
-    spec = dict(spec)
-    unknown = set(spec) - _FIELDS
+    unknown = set(spec) - known
     if unknown:
-        raise ValueError(f"has unknown keys {sorted(unknown)}")
+        raise ValueError(f"has unknown keys {sorted(unknown)} (known: {', '.join(sorted(known))})")
+    return dict(spec)
+
+
+def _agent(name: str, spec: Any) -> AgentConfig:
+    spec = _mapping(spec, _FIELDS)
     if not isinstance(spec.get("model"), str) or not spec["model"]:
         raise ValueError("needs a 'model' name")
     # YAML reads "0" as an int; the dataclass says float, which is what Temporal's converter gives back.
@@ -356,12 +361,7 @@ _MCP_SERVER_FIELDS = {f.name for f in fields(McpServerConfig)} - {"name"}
 def _mcp_server(name: str, spec: Any) -> McpServerConfig:
     if not _SERVER_NAME.match(name):
         raise ValueError("the name must be 1-32 letters, digits or '-' (it becomes part of tool names)")
-    if not isinstance(spec, dict):
-        raise ValueError("must be a mapping")
-    spec = dict(spec)
-    unknown = set(spec) - _MCP_SERVER_FIELDS
-    if unknown:
-        raise ValueError(f"has unknown keys {sorted(unknown)} (known: {', '.join(sorted(_MCP_SERVER_FIELDS))})")
+    spec = _mapping(spec, _MCP_SERVER_FIELDS)
     if bool(spec.get("command")) == bool(spec.get("url")):
         raise ValueError("needs either 'command' (stdio) or 'url' (streamable HTTP), not both")
     stdio_only = {"command", "args", "env", "cwd"}
