@@ -219,13 +219,10 @@ class AgentRunWorkflow:
             self._last_sequence = max(self._last_sequence, _published_floor(err))
             message = _failure_message(err)
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=message))
-            # The details carry the last sequence the run published: a sub-agent's parent numbers past it.
-            raise ApplicationError(
-                message, self._last_sequence, type=ErrorType.ACTIVITY_FAILED, non_retryable=True
-            ) from err
+            raise self._failure(message, ErrorType.ACTIVITY_FAILED, usage) from err
         except _RunFailure as err:
             await self._finish(input, RunOutcome(RunEnd.FAILED, error=str(err)))
-            raise ApplicationError(str(err), self._last_sequence, type=err.error_type, non_retryable=True) from None
+            raise self._failure(str(err), err.error_type, usage) from None
         if reply.ended_run:
             # The model round published run_completed itself; only the memo is left to record.
             last = reply.ended_run
@@ -236,6 +233,12 @@ class AgentRunWorkflow:
             )
             last = await self._finish(input, outcome)
         return RunResult(reply.text, usage, last, reply.structured_output, self._sub_agent_usage_list())
+
+    def _failure(self, message: str, error_type: ErrorType, usage: Usage) -> ApplicationError:
+        """The error a failed run ends with. Its details tell a sub-agent's parent the last sequence the run
+        published (the parent numbers past it) and what the run spent, in all and per agent path below it."""
+        spent = [asdict(entry) for entry in self._sub_agent_usage_list()]
+        return ApplicationError(message, self._last_sequence, asdict(usage), spent, type=error_type, non_retryable=True)
 
     def _restore(self, progress: RunProgress | None) -> None:
         """Takes up where the run's earlier executions left it, when it continued as new."""
@@ -558,6 +561,9 @@ class AgentRunWorkflow:
             )
         except ChildWorkflowError as err:
             self._last_sequence = max(self._last_sequence, _published_floor(err))
+            spent = _spent_by_failed_run(err)
+            if spent is not None:  # runs that failed before failures said so, or by their timeout, do not tell
+                self._add_sub_agent_usage(path, spent)
             return await self._end_call(call, f"sub-agent {sub.name!r} failed: {_failure_message(err)}")
         except WorkflowAlreadyStartedError:  # a model that gave two calls one id
             return await self._end_call(call, f"call id {call.call_id!r} was already used for a delegation")
@@ -610,6 +616,16 @@ def _published_floor(err: FailureError) -> int:
     else:
         details = ()
     return max((d for d in details if isinstance(d, int)), default=0)
+
+
+def _spent_by_failed_run(err: ChildWorkflowError) -> RunResult | None:
+    """What a sub-agent's run spent before it failed, as its failure's details say (see _failure)."""
+    cause = err.cause
+    details = list(cause.details) if isinstance(cause, ApplicationError) else []
+    if len(details) < 3 or not isinstance(details[1], dict) or not isinstance(details[2], list):
+        return None
+    below = [AgentUsage(entry["agent_path"], Usage(**entry["usage"])) for entry in details[2]]
+    return RunResult("", Usage(**details[1]), sub_agent_usage=below)
 
 
 def _time_left(input: RunInput, timeout: float) -> float:

@@ -216,11 +216,25 @@ async def test_a_failed_sub_agent_is_an_error_result_for_the_parents_model(stack
     with pytest.raises(WorkflowFailureError) as failed:
         await child_run.result()
     assert isinstance(failed.value.cause, ApplicationError)
-    assert list(failed.value.cause.details) == [events[0].sequence]
+    assert list(failed.value.cause.details)[0] == events[0].sequence
     assert "no such model" in finished.error
     assert tool_messages(stack.model.server.requests_for(root)[1])[0]["content"] == f"error: {finished.error}"
     assert events[-1].run_completed.output == "Research failed, sorry."
     assert (await wait_for_state(stack, run_id, pb.RUN_STATE_COMPLETED)).output == "Research failed, sorry."
+
+
+async def test_what_a_failed_sub_agent_spent_is_in_the_roots_usage(stack: Stack) -> None:
+    child = stack.model.script(calls(("echo", {"text": "one"})), {"error": {"status": 400, "message": "no more"}})
+    root = stack.model.script(delegate("researcher", f"{child} try"), {"text": "It failed."})
+    run_id = await stack.client.start_run("planner", root)
+    events = await collect(stack, run_id)
+
+    run = await wait_for_state(stack, run_id, pb.RUN_STATE_COMPLETED)
+
+    parts = {"/".join(part.agent_path): part.usage for part in run.usage_by_agent}
+    assert list(parts) == ["planner", "planner/researcher"]
+    assert parts["planner/researcher"].prompt_tokens > 0  # its first round, before the one that failed
+    assert total(parts.values()) == run.usage == events[-1].run_completed.usage
 
 
 async def test_a_sub_agents_approval_is_answered_through_the_root_run(stack: Stack) -> None:
