@@ -27,7 +27,7 @@ from devstack.stack import TEMPORAL_FAST_DISPATCH, redis_server, temporal_execut
 from shared.agents import load_agents
 from shared.contract import TENANT_SEARCH_ATTRIBUTE
 from shared.settings import Settings
-from tests.credentials import AUDIENCE, ISSUER, Issuer
+from tests.credentials import AUDIENCE, ISSUER, CertificateAuthority, Issuer
 from worker import offline_model
 from worker.tools import ToolRegistry
 from worker.worker import build_worker
@@ -174,6 +174,20 @@ def with_auth(settings: Settings, issuer: Issuer, **overrides: Any) -> Settings:
         run_id_secret=f"secret-{uuid.uuid4().hex}",
     )
     return replace(settings, **(values | overrides))
+
+
+def with_mutual_tls(settings: Settings, issuer: Issuer, ca: CertificateAuthority, client_rights: str) -> Settings:
+    """The settings of a server that takes the issuer's tokens over TLS, and certificates that ``ca`` signed (its
+    own certificate is for localhost)."""
+    server_cert = ca.issue("localhost", dns="localhost")
+    return with_auth(
+        settings,
+        issuer,
+        tls_cert=str(server_cert.cert_file),
+        tls_key=str(server_cert.key_file),
+        tls_client_ca=str(ca.cert_file),
+        auth_client_rights=client_rights,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -27,7 +27,7 @@ from agentrun.v1 import agent_service_pb2 as pb
 from agentrun.v1 import agent_service_pb2_grpc as pb_grpc
 from devstack.stack import free_port, wait_until_serving
 from shared.conversations import ConversationStore, tenant_conversation
-from tests.conftest import AuthStack, Stack, details, server_for, with_auth
+from tests.conftest import AuthStack, Stack, details, server_for, with_auth, with_mutual_tls
 from tests.credentials import ALL_RIGHTS, CertificateAuthority, Issuer
 
 METHODS = ["StartRun", "StreamRun", "GetRun", "ListRuns", "CancelRun", "Approve", "ListAgents"]
@@ -415,15 +415,8 @@ class TlsServer:
 @pytest.fixture
 async def tls_server(stack: Stack, issuer: Issuer, tmp_path: Path) -> AsyncIterator[TlsServer]:
     ca = CertificateAuthority(tmp_path)
-    server_cert = ca.issue("localhost", dns="localhost")
-    settings = with_auth(
-        stack.settings,
-        issuer,
-        tls_cert=str(server_cert.cert_file),
-        tls_key=str(server_cert.key_file),
-        tls_client_ca=str(ca.cert_file),
-        auth_client_rights="globex/reader=runs:read; acme/starter=runs:start runs:read",
-    )
+    rights = "globex/reader=runs:read; acme/starter=runs:start runs:read"
+    settings = with_mutual_tls(stack.settings, issuer, ca, rights)
     async with server_for(stack, settings) as address:
         yield TlsServer(address.replace("127.0.0.1", "localhost"), ca)
 

@@ -16,7 +16,7 @@ from agentrun.cli import command
 from agentrun.v1 import agent_service_pb2 as pb
 from devstack.stack import free_port
 from shared.agents import load_agents
-from tests.conftest import AGENTS_FILE, Stack, server_for, with_auth
+from tests.conftest import AGENTS_FILE, Stack, server_for, with_mutual_tls
 from tests.credentials import CertificateAuthority, Issuer
 
 ECHO_HI = {"tool_calls": [{"name": "echo", "arguments": {"text": "hi"}}]}
@@ -466,15 +466,8 @@ async def test_the_cli_calls_a_tls_server_with_a_token_or_a_client_certificate(
     stack: Stack, issuer: Issuer, tmp_path: Path
 ) -> None:
     ca = CertificateAuthority(tmp_path)
-    server_cert, client_cert = ca.issue("localhost", dns="localhost"), ca.issue("ops-bot", "acme")
-    settings = with_auth(
-        stack.settings,
-        issuer,
-        tls_cert=str(server_cert.cert_file),
-        tls_key=str(server_cert.key_file),
-        tls_client_ca=str(ca.cert_file),
-        auth_client_rights="acme/ops-bot=runs:read",
-    )
+    client_cert = ca.issue("ops-bot", "acme")
+    settings = with_mutual_tls(stack.settings, issuer, ca, "acme/ops-bot=runs:read")
     async with server_for(stack, settings) as address:
         server = address.replace("127.0.0.1", "localhost")
         tls = {"AGENTRUN_TLS_CA": str(ca.cert_file)}
