@@ -3,9 +3,9 @@
 A run carries a snapshot of its agent's definition, taken when it starts, so editing the file changes new runs
 only. The worker reads the file too, to refuse to start when an agent names a tool it does not have, and to
 connect to the MCP servers that its ``mcp_servers`` section defines and agents use.
-"""
 
-from __future__ import annotations
+A run's snapshot crosses Temporal in every payload, so its annotations are real types, as in ``shared.contract``.
+"""
 
 import fnmatch
 import os
@@ -138,12 +138,12 @@ def load_agents(path: str | Path) -> dict[str, AgentConfig]:
     return _load(Path(path))[0]
 
 
-def load_mcp_servers(path: str | Path) -> dict[str, McpServerConfig]:
+def load_mcp_servers(path: str | Path) -> "dict[str, McpServerConfig]":
     """The MCP servers the agents file defines (checked as load_agents checks the whole file)."""
     return _load(Path(path))[1]
 
 
-def _load(path: Path) -> tuple[dict[str, AgentConfig], dict[str, McpServerConfig]]:
+def _load(path: Path) -> "tuple[dict[str, AgentConfig], dict[str, McpServerConfig]]":
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:
