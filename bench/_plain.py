@@ -1,7 +1,8 @@
 """The floor agentrun is measured against: a plain Temporal workflow with one activity making the same model call.
 
-No events, no Redis, no gRPC: the activity streams the reply with the ``openai`` client and returns its text.
-Its worker runs in its own process, as agentrun's does:
+No events, no Redis, no gRPC: the activity streams the reply with the ``openai`` client and returns its text, with
+the time its first text arrived (the earliest a durable run whose model call is an activity can have a token). Its
+worker runs in its own process, as agentrun's does:
     python -m bench._plain --temporal HOST:PORT --task-queue QUEUE --model-url URL
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import activity, workflow
@@ -21,26 +24,38 @@ with workflow.unsafe.imports_passed_through():
 WORKFLOW = "PlainModelCall"
 
 
+@dataclass
+class PlainReply:
+    text: str
+    first_text_at: float  # wall clock (time.time()) when the activity had the reply's first text
+
+
 class Model:
     def __init__(self, base_url: str) -> None:
         self._llm = openai.AsyncOpenAI(base_url=base_url, api_key="offline", max_retries=0)
 
     @activity.defn
-    async def call_model(self, prompt: str) -> str:
+    async def call_model(self, prompt: str) -> PlainReply:
         stream = await self._llm.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], stream=True
         )
-        return "".join([choice.delta.content or "" async for chunk in stream for choice in chunk.choices])
+        parts, first_text_at = [], 0.0
+        async for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    first_text_at = first_text_at or time.time()
+                    parts.append(choice.delta.content)
+        return PlainReply("".join(parts), first_text_at)
 
 
 @workflow.defn(name=WORKFLOW)
 class PlainModelCall:
     @workflow.run
-    async def run(self, prompt: str) -> str:
-        text: str = await workflow.execute_activity(
-            "call_model", prompt, result_type=str, start_to_close_timeout=timedelta(minutes=5)
+    async def run(self, prompt: str) -> PlainReply:
+        reply: PlainReply = await workflow.execute_activity(
+            "call_model", prompt, result_type=PlainReply, start_to_close_timeout=timedelta(minutes=5)
         )
-        return text
+        return reply
 
 
 async def serve(temporal: str, task_queue: str, model_url: str) -> None:
