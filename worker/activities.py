@@ -269,8 +269,12 @@ class RunActivities:
             return await self._answered_before(input, resumed.answer, tool_digests)
         publisher = _TextPublisher(self._stream, input, resumed)
         streamed = _StreamedReply()
+        # A round that sends the whole transcript (a run's first) has it in its input: the model is asked without
+        # waiting for Redis, which stores it only for a round that may follow (an answer that ends the run needs
+        # no transcript).
+        whole = input.first_message == 0 and not input.conversation_id
         try:
-            transcript = await self._transcript(input)
+            transcript = input.messages if whole else await self._transcript(input)
             messages = await self._model_messages(input, transcript)
             async with _heartbeating(lambda: publisher.last_sequence):
                 # The raw stream: the client's typed chunks cost about 100 us of CPU each, five times the rest of
@@ -292,6 +296,8 @@ class RunActivities:
                         if publisher.closed:
                             break
                 await publisher.close()
+            if whole and (streamed.calls() or input.sub_run or agent.output_schema is not None):
+                await self._transcript(input)
         except asyncio.CancelledError:
             await publisher.abandon()
             raise
