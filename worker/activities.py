@@ -709,7 +709,8 @@ async def _chunks(response: AsyncAPIResponse[Any]) -> AsyncIterator[dict[str, An
     An error the endpoint sends in the stream (``{"error": {...}}``) is raised as the ``openai`` client does.
     """
     data: list[str] = []
-    async for line in response.iter_lines():
+    lines = response.iter_lines()
+    async for line in lines:
         if line.startswith("data:"):
             data.append(line[6:] if line.startswith("data: ") else line[5:])
             continue
@@ -717,6 +718,10 @@ async def _chunks(response: AsyncAPIResponse[Any]) -> AsyncIterator[dict[str, An
             continue  # other fields (event:, id:, comments) and blank lines between events
         payload, data = "\n".join(data), []
         if payload.startswith("[DONE]"):
+            # The body read to its end (as the openai client reads it): only then does its connection go back to
+            # the pool, and the next call skips a connect (a TLS handshake, against a hosted model).
+            async for _ in lines:
+                pass
             return
         chunk = json.loads(payload)
         if isinstance(chunk, dict) and chunk.get("error"):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
+import openai
 from temporalio.testing import ActivityEnvironment
 
 from agentrun.v1 import agent_service_pb2 as pb
@@ -111,10 +116,57 @@ async def test_a_retried_sub_agent_round_skips_only_its_own_text_and_leaves_the_
     assert (reply.text, reply.ended_run, reply.last_sequence) == ("Half of it, then the rest.", 0, 7)
 
 
-def activities_on(stack: Stack, writer: RunStreamWriter) -> RunActivities:
-    """The worker's activities, publishing through ``writer``, outside a worker."""
+async def test_model_calls_go_over_one_kept_alive_connection(stack: Stack) -> None:
+    agent = load_agents(AGENTS_FILE)["assistant"]
+    key = stack.model.script({"chunks": ["one ", "reply"]})
+    writer = RunStreamWriter(stack.redis, stack.settings.redis_prefix, ttl_seconds=600)
+    async with (
+        counting_proxy(stack.model.base_url) as (base_url, connections),
+        openai.AsyncOpenAI(base_url=base_url, api_key="offline", max_retries=0) as llm,
+    ):
+        activities = activities_on(stack, writer, llm)
+        for n in range(3):
+            round_input = CallModelInput(f"run-{n}-{key}", agent, [{"role": "user", "content": key}], 0)
+            assert (await ActivityEnvironment().run(activities.call_model, round_input)).text == "one reply"
+
+    assert len(stack.model.server.requests_for(key)) == 3
+    assert connections == [1]  # each reply read to its end hands its connection to the next call
+
+
+@contextlib.asynccontextmanager
+async def counting_proxy(base_url: str) -> AsyncIterator[tuple[str, list[int]]]:
+    """A TCP proxy to the server at ``base_url``; yields its own base URL and a one-item list: the connections it
+    has accepted."""
+    upstream = urlsplit(base_url)
+    accepted = [0]
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def connection(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        accepted[0] += 1
+        server_reader, server_writer = await asyncio.open_connection(upstream.hostname, upstream.port)
+        await asyncio.gather(
+            pipe(client_reader, server_writer), pipe(server_reader, client_writer), return_exceptions=True
+        )
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    try:
+        yield upstream._replace(netloc=f"127.0.0.1:{server.sockets[0].getsockname()[1]}").geturl(), accepted
+    finally:
+        server.close()
+
+
+def activities_on(stack: Stack, writer: RunStreamWriter, llm: openai.AsyncOpenAI | None = None) -> RunActivities:
+    """The worker's activities, publishing through ``writer`` (and asking ``llm``, else the stack's), outside a
+    worker."""
     return RunActivities(
-        stack.llm,
+        llm or stack.llm,
         writer,
         default_registry(stack.settings.tool_modules),
         ConversationStore(stack.redis, stack.settings.redis_prefix),
