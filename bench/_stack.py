@@ -47,9 +47,11 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    agents_file: Path, *, token_delay_ms: float = 0.0, env: Mapping[str, str] | None = None
+    agents_file: Path, *, token_delay_ms: float = 0.0, env: Mapping[str, str] | None = None, root: Path = ROOT
 ) -> AsyncIterator[Stack]:
     """Starts everything and yields the stack once the server is SERVING; ``env`` adds to the services' environment.
+    The services run in ``root``, and so run the code of the checkout there (a module's own directory comes first on
+    its path, before this environment's editable install).
 
     Logs are removed when the block ends without an error and kept for diagnosis otherwise.
     """
@@ -94,7 +96,7 @@ async def running_stack(
             for name, args in commands.items():
                 log = os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT)  # the child keeps its own copy
                 procs[name] = await asyncio.create_subprocess_exec(
-                    sys.executable, *args, cwd=ROOT, env=service_env, stdout=log, stderr=asyncio.subprocess.STDOUT
+                    sys.executable, *args, cwd=root, env=service_env, stdout=log, stderr=asyncio.subprocess.STDOUT
                 )
                 os.close(log)
             await wait_ready(stack)

@@ -2,11 +2,15 @@
 
 Starts every real component as production runs them (Temporal dev server, Redis, the offline model, and the
 worker and the gRPC server as separate processes) and prints figures; nothing is asserted. From the repo root:
-    python -m bench.ttft [--runs 30] [--tokens 2000] [--tracing]
+    python -m bench.ttft [--runs 30] [--tokens 2000] [--tracing | --against REV]
 
 With ``--tracing`` it runs two stacks side by side instead, one without telemetry and one whose server, worker and
 client trace every run and export spans and metrics over OTLP/gRPC to a receiver in a process of its own, and
 prints the time to first token of both, their samples interleaved.
+
+With ``--against REV`` it runs two stacks side by side the same way, one on this checkout's code and one on the
+code of the git revision REV (in a temporary worktree; this environment's dependencies serve both), to measure what a
+change does to the time to first token on a machine whose noise is larger than the change.
 """
 
 from __future__ import annotations
@@ -15,14 +19,18 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -184,6 +192,44 @@ async def bench(runs: int, tokens: int, tracing: bool) -> None:
     print(_row("StartRun round trip, tracing on", [s.start_rpc for s in ttft["on"]]))
 
 
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """The repo at ``revision``, in a temporary git worktree."""
+    tree = Path(tempfile.mkdtemp(prefix="agentrun-bench-")) / "tree"
+    git = ["git", "-C", str(ROOT), "worktree"]
+    subprocess.run([*git, "add", "--detach", "--quiet", str(tree), revision], check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run([*git, "remove", "--force", str(tree)], check=True)
+        shutil.rmtree(tree.parent, ignore_errors=True)
+
+
+async def against(runs: int, revision: str) -> None:
+    """This checkout's time to first token beside ``revision``'s, two stacks side by side, samples interleaved."""
+    off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+    ours = "this checkout"
+    with checkout(revision) as tree:
+        async with (
+            running_stack(tree / "agents.yaml", env=off, root=tree) as their_stack,
+            running_stack(AGENTS_FILE, env=off) as our_stack,
+            AgentRunClient(their_stack.grpc_target) as their_client,
+            AgentRunClient(our_stack.grpc_target) as our_client,
+        ):
+            paths: Paths = {revision: partial(via_agentrun, their_client), ours: partial(via_agentrun, our_client)}
+            await interleaved(paths, WARMUP, "Warm-up {i}: say hello.")
+            ttft = await interleaved(paths, runs, "Question {i}: what is a durable workflow?")
+    print(f"\nagentrun TTFT, {ours} beside {revision}: {os.cpu_count()} CPUs, {platform.platform(terse=True)}")
+    print(f"two stacks side by side, {runs} interleaved samples each after {WARMUP} warm-ups\n")
+    print(f"{'StartRun -> first text_delta (ms)':<46}{'median':>8}{'p10':>8}{'p90':>8}")
+    medians = {name: statistics.median(s.ttft for s in samples) for name, samples in ttft.items()}
+    for name, samples in ttft.items():
+        print(_row(name, [s.ttft for s in samples]))
+    print(f"  {f'{ours} - {revision} (median - median)':<44}{(medians[ours] - medians[revision]) * 1e3:>8.1f}")
+    for name, samples in ttft.items():
+        print(_row(f"StartRun round trip, {name}", [s.start_rpc for s in samples]))
+
+
 def _row(label: str, xs: list[float]) -> str:  # median, p10, p90 in ms
     deciles = statistics.quantiles(xs, n=10, method="inclusive")
     return f"  {label:<44}{statistics.median(xs) * 1e3:>8.1f}{deciles[0] * 1e3:>8.1f}{deciles[-1] * 1e3:>8.1f}"
@@ -223,9 +269,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="TTFT samples per path (at least 2)")
     parser.add_argument("--tokens", type=int, default=2000, help="length of the throughput reply, in tokens")
-    parser.add_argument("--tracing", action="store_true", help="measure again with tracing on, and compare")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--tracing", action="store_true", help="measure again with tracing on, and compare")
+    modes.add_argument("--against", metavar="REV", help="compare this checkout with a git revision, side by side")
     args = parser.parse_args()
-    asyncio.run(bench(max(2, args.runs), args.tokens, args.tracing))
+    if args.against:
+        asyncio.run(against(max(2, args.runs), args.against))
+    else:
+        asyncio.run(bench(max(2, args.runs), args.tokens, args.tracing))
 
 
 if __name__ == "__main__":
