@@ -58,6 +58,9 @@ FINAL_ROUND_NOTE = (
 # call), so that the history sent to the model stays well-formed.
 MISSING_RESULT = "No result: the run ended before this tool call finished."
 
+# How long the end of a model reply's body may take after its [DONE] (the openai client's own bound), before its
+# connection is closed rather than kept alive.
+DRAIN_SECONDS = 0.1
 # A run's transcript outlives the run by this much: every round renews it, and no run lives longer than its timeout.
 TRANSCRIPT_TTL_MARGIN_SECONDS = 60
 # Statuses with which a model endpoint says "not now" rather than "never": retried, after Retry-After if given.
@@ -703,6 +706,16 @@ def _with_all_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any
     return complete
 
 
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Reads the rest of a reply's body after ``[DONE]`` (normally only its end), as the openai client does: a body
+    read to its end hands its connection back to the pool, so the next call skips a connect (and a TLS handshake,
+    against a hosted model). An endpoint slower than DRAIN_SECONDS to end it only loses its connection."""
+    with contextlib.suppress(Exception):  # the reply is whole: nothing that happens now is the round's failure
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in lines:
+                pass
+
+
 async def _chunks(response: AsyncAPIResponse[Any]) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a streamed chat completion: the JSON of each server-sent event's data, up to ``[DONE]``.
 
@@ -718,10 +731,7 @@ async def _chunks(response: AsyncAPIResponse[Any]) -> AsyncIterator[dict[str, An
             continue  # other fields (event:, id:, comments) and blank lines between events
         payload, data = "\n".join(data), []
         if payload.startswith("[DONE]"):
-            # The body read to its end (as the openai client reads it): only then does its connection go back to
-            # the pool, and the next call skips a connect (a TLS handshake, against a hosted model).
-            async for _ in lines:
-                pass
+            await _drain(lines)
             return
         chunk = json.loads(payload)
         if isinstance(chunk, dict) and chunk.get("error"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -131,6 +133,30 @@ async def test_model_calls_go_over_one_kept_alive_connection(stack: Stack) -> No
 
     assert len(stack.model.server.requests_for(key)) == 3
     assert connections == [1]  # each reply read to its end hands its connection to the next call
+
+
+async def test_an_endpoint_that_keeps_its_reply_open_after_done_does_not_hold_the_round(stack: Stack) -> None:
+    agent = load_agents(AGENTS_FILE)["assistant"]
+    writer = RunStreamWriter(stack.redis, stack.settings.redis_prefix, ttl_seconds=600)
+    events = [{"choices": [{"index": 0, "delta": {"content": "whole"}, "finish_reason": "stop"}]}, "[DONE]"]
+    body = "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events).encode()
+
+    async def reply_and_hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        headers = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        writer.write(headers + b"%x\r\n%s\r\n" % (len(body), body))  # and never the last chunk
+        await reader.read()  # until the client gives up on the connection
+        writer.close()
+
+    server = await asyncio.start_server(reply_and_hang, "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    async with server, openai.AsyncOpenAI(base_url=base_url, api_key="offline", max_retries=0) as llm:
+        round_input = CallModelInput(f"run-hung-{uuid.uuid4().hex}", agent, [{"role": "user", "content": "hi"}], 0)
+        reply = await asyncio.wait_for(
+            ActivityEnvironment().run(activities_on(stack, writer, llm).call_model, round_input), 5
+        )
+
+    assert reply.text == "whole"
 
 
 @contextlib.asynccontextmanager
