@@ -228,8 +228,10 @@ async def _heartbeating(published: Callable[[], int] | None = None) -> AsyncIter
 
     async def beat() -> None:
         while True:
-            activity.heartbeat(*([published()] if published else []))
+            # The first one an interval in, not at once: it would tell Temporal nothing new, and every call shorter
+            # than the interval (most model rounds, most tools) would pay a Temporal call for it.
             await asyncio.sleep(HEARTBEAT_INTERVAL_SECONDS)
+            activity.heartbeat(*([published()] if published else []))
 
     task = asyncio.create_task(beat())
     try:
