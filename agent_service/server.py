@@ -173,17 +173,13 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if request.request_id:
             run_id = _run_id(self._settings.run_id_secret, tenant, request.request_id)
             digest = _request_digest(request)
+            # Before anything is written for it: the same request_id with another request is a caller's mistake.
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                _check_same_request(await start_mark(self._redis, self._settings.redis_prefix, run_id), digest, run_id)
         else:
             run_id, digest = "run-" + uuid.uuid4().hex, ""
         conversation = tenant_conversation(tenant, request.conversation_id)
         if conversation:
-            # The same request_id with another request is a caller's mistake: found before the conversation is
-            # written to. (Without a conversation nothing is written before the start, and a start finds the run
-            # that exists: the check after it is enough, and the first token waits for one Redis call less.)
-            if digest:
-                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                    mark = await start_mark(self._redis, self._settings.redis_prefix, run_id)
-                    _check_same_request(mark, digest, run_id)
             await self._claim_conversation(conversation, run_id, agent, request.conversation_id)
             # The user's turn is saved before the run starts, so a run that fails
             # later never loses it (saving is idempotent per run).
