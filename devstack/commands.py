@@ -124,9 +124,6 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format=SERVICE_LOG_FORMAT)
-    # The openai client's HTTP library logs each request at INFO: a line per model round, written on the way to the
-    # round's first token. Model calls are traced and measured instead (worker/_telemetry.py).
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         asyncio.run(run_worker(Settings.from_env()))
     except ConnectionError as err:
