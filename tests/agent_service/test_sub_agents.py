@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,22 +92,35 @@ async def test_a_sub_agents_events_are_in_the_root_stream_in_order_with_its_path
     assert planner_tool["parameters"]["required"] == ["task"]
 
 
-async def test_a_grandchild_runs_within_the_depth_limit_as_a_child_workflow_of_its_parent(stack: Stack) -> None:
-    grandchild = stack.model.script({"text": "fetched"})
+@dataclass
+class ThreeLevels:
+    run_id: str  # the planner's run
+    events: list[pb.RunEvent]  # its whole stream
+    child_id: str  # the researcher's run, delegated by the planner
+    grandchild_id: str  # the fetcher's run, delegated by the researcher
+
+
+async def three_levels(stack: Stack, answer: str) -> ThreeLevels:
+    """A planner run that delegates to the researcher, which delegates to the fetcher (who answers ``answer``)."""
+    grandchild = stack.model.script({"text": answer})
     child = stack.model.script(delegate("fetcher", f"{grandchild} fetch it"), {"text": "researched"})
     root = stack.model.script(delegate("researcher", f"{child} research it"), {"text": "planned"})
     run_id = await stack.client.start_run("planner", root)
-
     events = await collect(stack, run_id)
+    # Each delegation is a child workflow whose id derives from its parent's and the call's.
+    started = [e.tool_call_started for e in events if e.HasField("tool_call_started")]
+    child_id = f"{run_id}/{started[0].call_id}"
+    return ThreeLevels(run_id, events, child_id, f"{child_id}/{started[1].call_id}")
+
+
+async def test_a_grandchild_runs_within_the_depth_limit_as_a_child_workflow_of_its_parent(stack: Stack) -> None:
+    tree = await three_levels(stack, "fetched")
+    run_id, events, child_id, grandchild_id = tree.run_id, tree.events, tree.child_id, tree.grandchild_id
 
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert [p for p in dict.fromkeys(paths(events))] == ["planner", "planner/researcher", "planner/researcher/fetcher"]
     assert text_of([e for e in events if paths([e]) == ["planner/researcher/fetcher"]]) == "fetched"
     assert events[-1].run_completed.output == "planned"
-    # Each delegation is a child workflow whose id derives from its parent's and the call's.
-    started = [e.tool_call_started for e in events if e.HasField("tool_call_started")]
-    child_id = f"{run_id}/{started[0].call_id}"
-    grandchild_id = f"{child_id}/{started[1].call_id}"
     child_run = await stack.temporal.get_workflow_handle(child_id).describe()
     grandchild_run = await stack.temporal.get_workflow_handle(grandchild_id).describe()
     assert (child_run.parent_id, grandchild_run.parent_id) == (run_id, child_id)
@@ -123,20 +136,13 @@ async def test_a_grandchild_runs_within_the_depth_limit_as_a_child_workflow_of_i
 
 
 async def test_sub_agents_usage_is_in_the_roots_with_a_part_per_agent(stack: Stack) -> None:
-    grandchild = stack.model.script({"text": "fetched it all"})
-    child = stack.model.script(delegate("fetcher", f"{grandchild} fetch"), {"text": "researched"})
-    root = stack.model.script(delegate("researcher", f"{child} research"), {"text": "planned it"})
-    run_id = await stack.client.start_run("planner", root)
-    events = await collect(stack, run_id)
-    started = [e.tool_call_started for e in events if e.HasField("tool_call_started")]
-    child_id = f"{run_id}/{started[0].call_id}"
-    child_result = await stack.temporal.get_workflow_handle(child_id, result_type=RunResult).result()
-    grandchild_id = f"{child_id}/{started[1].call_id}"
-    grandchild_result = await stack.temporal.get_workflow_handle(grandchild_id, result_type=RunResult).result()
+    tree = await three_levels(stack, "fetched it all")
+    child_result = await stack.temporal.get_workflow_handle(tree.child_id, result_type=RunResult).result()
+    grandchild_result = await stack.temporal.get_workflow_handle(tree.grandchild_id, result_type=RunResult).result()
 
-    run = await wait_for_state(stack, run_id, pb.RUN_STATE_COMPLETED)
+    run = await wait_for_state(stack, tree.run_id, pb.RUN_STATE_COMPLETED)
 
-    assert run.usage == events[-1].run_completed.usage
+    assert run.usage == tree.events[-1].run_completed.usage
     parts = {"/".join(part.agent_path): part.usage for part in run.usage_by_agent}
     assert list(parts) == ["planner", "planner/researcher", "planner/researcher/fetcher"]
     assert total(parts.values()) == run.usage
