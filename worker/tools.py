@@ -104,6 +104,8 @@ class Tool:
     # that leaves them out must still bind them.
     _none_params: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
     _validator: Any = field(default=None, init=False, repr=False, compare=False)
+    # Every model round checks the run's tools against their digests: worked out once, with the validator.
+    _digest: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.match(self.name):
@@ -124,6 +126,8 @@ class Tool:
         object.__setattr__(self, "_context_param", context_param)
         object.__setattr__(self, "_none_params", tuple(none_params))
         object.__setattr__(self, "_validator", _Validator(self.parameters))
+        canonical = json.dumps(self.parameters, sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "_digest", hashlib.sha256(canonical.encode()).hexdigest()[:16])
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI tool definition."""
@@ -139,8 +143,7 @@ class Tool:
 
     def digest(self) -> str:
         """A short hash of the arguments schema: a run started with one version refuses to run another."""
-        canonical = json.dumps(self.parameters, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return self._digest
 
     def validate(self, arguments: dict[str, Any]) -> None:
         """Raises ToolArgumentError describing every problem at once, so the model can fix them in one retry."""
